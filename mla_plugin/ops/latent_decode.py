@@ -45,10 +45,15 @@ def _chunk_attention(
     d_c: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    # Unused slots may hold anything (NaN included): zero them before any product.
-    rows = torch.where(valid.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype))
-    scores = torch.bmm(q, rows.transpose(1, 2)) * scale  # [B, H, C]
-    scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
+    all_valid = bool(valid.all())
+    if not all_valid:
+        # Unused slots may hold anything (NaN included): zero them before any product.
+        rows = torch.where(valid.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype))
+    scores = torch.baddbmm(
+        rows.new_empty(()), q, rows.transpose(1, 2), beta=0.0, alpha=scale
+    )  # [B, H, C]
+    if not all_valid:
+        scores = scores.masked_fill(~valid.unsqueeze(1), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # [B, H]
     finite = torch.isfinite(lse)
     probs = torch.exp(scores - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
