@@ -1,6 +1,7 @@
 """`mla-plugin`: command-line tools around the vLLM plugin.
 
     mla-plugin demo                 serve a bundled tiny DeepSeek-V2 through the plugin
+    mla-plugin ppl MODEL            wikitext-2 perplexity (vLLM or transformers engine)
     mla-plugin make-tiny-model DIR  write a tiny random DeepSeek-V2 checkpoint
 """
 
@@ -72,6 +73,48 @@ def _cmd_demo(args) -> int:
         print(f"      server (pid {server.proc.pid}) stopped")
 
 
+def _cmd_ppl(args) -> int:
+    import json
+
+    from mla_plugin.eval.perplexity import TextUnavailableError, load_text, perplexity
+
+    try:
+        text = load_text(args.text)
+    except TextUnavailableError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: cannot read --text: {err}", file=sys.stderr)
+        return 2
+    options = {}
+    if args.engine == "vllm":
+        try:
+            hf_overrides = json.loads(args.hf_overrides) if args.hf_overrides else None
+            compilation_config = json.loads(args.compilation_config) if args.compilation_config else None
+        except json.JSONDecodeError as err:
+            print(f"error: --hf-overrides / --compilation-config must be JSON: {err}", file=sys.stderr)
+            return 2
+        options = dict(attention_backend=args.attention_backend, tensor_parallel_size=args.tensor_parallel_size,
+                       hf_overrides=hf_overrides, enforce_eager=args.enforce_eager)
+        if compilation_config is not None:
+            options["compilation_config"] = compilation_config
+        if args.block_size:
+            options["block_size"] = args.block_size
+    elif args.attention_backend or args.tensor_parallel_size != 1 or args.hf_overrides:
+        print("error: --attention-backend, --tensor-parallel-size and --hf-overrides need --engine vllm",
+              file=sys.stderr)
+        return 2
+    try:
+        result = perplexity(args.model, engine=args.engine, text=text, window=args.window,
+                            max_windows=args.max_windows, dtype=args.dtype, show_progress=not args.json,
+                            **options)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(result.to_json() if args.json else result.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mla-plugin", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dtype", default="float32")
     demo.add_argument("--timeout", type=float, default=600, help="seconds to wait for the server")
     demo.set_defaults(func=_cmd_demo)
+
+    ppl = sub.add_parser(
+        "ppl", help="wikitext-2 perplexity by the published protocol (DESIGN.md section 2)",
+        description="Rows joined with '\\n\\n', tokenized once (BOS at the start only), non-overlapping "
+                    "windows (remainder dropped), ppl = exp(mean of per-window mean NLL).")
+    ppl.add_argument("model", help="checkpoint directory (or hub name where a hub is reachable)")
+    ppl.add_argument("--engine", choices=["vllm", "transformers"], default="vllm")
+    ppl.add_argument("--text", help="text file (default: wikitext-2-raw-v1 test split from `datasets`)")
+    ppl.add_argument("--window", type=int, default=2048, help="tokens per window (default 2048)")
+    ppl.add_argument("--max-windows", type=int, help="score only the first N windows")
+    ppl.add_argument("--dtype", default="bfloat16", help="float32 / bfloat16 / float16 (default bfloat16)")
+    ppl.add_argument("--attention-backend", help="vLLM attention backend, e.g. mla_plugin")
+    ppl.add_argument("--tensor-parallel-size", type=int, default=1)
+    ppl.add_argument("--hf-overrides", help="JSON passed to vLLM's hf_overrides")
+    ppl.add_argument("--enforce-eager", action="store_true", help="vLLM: no torch.compile / CUDA graphs")
+    ppl.add_argument("--compilation-config", help="JSON passed to vLLM's compilation_config")
+    ppl.add_argument("--block-size", type=int, help="vLLM KV-cache block size")
+    ppl.add_argument("--json", action="store_true", help="print one JSON object, no progress bar")
+    ppl.set_defaults(func=_cmd_ppl)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random DeepSeek-V2 checkpoint")
     tiny.add_argument("dst")

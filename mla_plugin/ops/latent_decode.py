@@ -15,7 +15,7 @@ would), so memory stays bounded for long contexts and large batches.
 import torch
 
 # Upper bound on the gathered chunk, in elements of the compute dtype.
-_CHUNK_ELEMENTS = 1 << 24
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def merge_partial_attention(

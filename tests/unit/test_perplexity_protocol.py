@@ -1,0 +1,98 @@
+"""The perplexity protocol, pinned by hand and by an independent loop."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mla_plugin.eval.perplexity import (
+    TextUnavailableError,
+    load_text,
+    make_windows,
+    perplexity,
+    perplexity_from_window_nlls,
+    tokenize_once,
+)
+from mla_plugin.fixtures import make_tiny_deepseek_v2
+
+TEXT = "\n\n".join([
+    " = Valkyria Chronicles III = ",
+    " Senjō no Valkyria 3 : Unrecorded Chronicles is a tactical role @-@ playing video game .",
+    " The game began development in 2010 , carrying over a large portion of the work done on "
+    "Valkyria Chronicles II . It met with positive sales in Japan , and was praised by both "
+    "Japanese and western critics .",
+] * 3)
+
+
+class CharTokenizer:
+    """Each character one token (ord), BOS = 0: tokenization by hand."""
+
+    bos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [ord(c) for c in text]
+        return {"input_ids": ([0] if add_special_tokens else []) + ids}
+
+
+def test_bos_only_at_the_start():
+    ids = tokenize_once(CharTokenizer(), "ab\n\ncd")
+    assert ids == [0, ord("a"), ord("b"), 10, 10, ord("c"), ord("d")]
+
+
+def test_windows_do_not_overlap_and_drop_the_remainder():
+    ids = list(range(11))
+    assert make_windows(ids, 4) == [[0, 1, 2, 3], [4, 5, 6, 7]]  # 8, 9, 10 dropped
+    assert make_windows(ids, 4, max_windows=1) == [[0, 1, 2, 3]]
+    assert make_windows(ids, 11) == [ids]
+    with pytest.raises(ValueError, match="fewer than one window"):
+        make_windows(ids, 12)
+    with pytest.raises(ValueError, match="at least 2"):
+        make_windows(ids, 1)
+
+
+def test_ppl_is_exp_of_mean_window_nll():
+    assert perplexity_from_window_nlls([1.0, 3.0]) == pytest.approx(math.exp(2.0))
+    assert perplexity_from_window_nlls([math.log(4.0)]) == pytest.approx(4.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return str(make_tiny_deepseek_v2(tmp_path_factory.mktemp("ppl_ds"), seed=3, kv_lora_rank=64,
+                                     qk_rope_head_dim=16))
+
+
+@pytest.mark.parametrize("window,max_windows", [(16, None), (23, 3), (64, None)])
+def test_transformers_engine_equals_an_independent_loop(tiny_model, window, max_windows):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    result = perplexity(tiny_model, engine="transformers", text=TEXT, window=window,
+                        max_windows=max_windows, show_progress=False)
+
+    # the independent loop: transformers' own loss over each window
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    ids = [tok.bos_token_id] + tok(TEXT, add_special_tokens=False)["input_ids"]
+    starts = list(range(0, len(ids) - window + 1, window))[:max_windows]
+    with torch.no_grad():
+        losses = [model(torch.tensor([ids[s:s + window]]), labels=torch.tensor([ids[s:s + window]])).loss.item()
+                  for s in starts]
+    assert result.windows == len(starts)
+    assert result.tokens_scored == len(starts) * (window - 1)
+    assert result.text_tokens == len(ids)
+    assert result.ppl == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+
+
+def test_no_text_and_no_hub_is_a_clear_error(tiny_model, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(TextUnavailableError, match="--text FILE"):
+        load_text(None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mla_plugin.cli", "ppl", tiny_model, "--engine", "transformers"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Pass the text with --text FILE" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
