@@ -9,7 +9,6 @@ Two tables:
 """
 
 import argparse
-import gc
 import math
 import os
 import statistics
@@ -72,6 +71,7 @@ def engine_table(batch, prompt_tokens, new_tokens) -> list[str]:
     from vllm import LLM, SamplingParams
 
     from mla_plugin.fixtures import make_tiny_deepseek_v2
+    from mla_plugin.vllm.engine import release_engine
 
     model = str(make_tiny_deepseek_v2(tempfile.mkdtemp(prefix="mla_bench_model_"), seed=0, num_layers=4,
                                       num_heads=16, hidden_size=256))
@@ -96,11 +96,7 @@ def engine_table(batch, prompt_tokens, new_tokens) -> list[str]:
         total = min(gen(new_tokens) for _ in range(2))
         speeds[backend] = batch * (new_tokens - 1) / max(total - prefill, 1e-9)
         del llm
-        gc.collect()
-        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-        destroy_model_parallel()
-        destroy_distributed_environment()
+        release_engine()
     for backend, speed in speeds.items():
         rows.append(f"| {backend} | {batch} | {prompt_tokens} | {new_tokens} | {speed:.0f} | "
                     f"{speed / speeds['CPU_MLA']:.2f} |")

@@ -32,13 +32,14 @@ def _cmd_demo(args) -> int:
 
     from mla_plugin.serving import post_json, start_server, stop_server, wait_ready
 
+    from mla_plugin.fixtures import trained_fixture
+
     work = Path(tempfile.mkdtemp(prefix="mla_plugin_demo_"))
     model = args.model
     if model is None:
-        from mla_plugin.fixtures import make_tiny_deepseek_v2
-
-        model = str(make_tiny_deepseek_v2(work / "tiny-deepseek-v2", seed=0))
-        print(f"[1/3] built a tiny DeepSeek-V2 (MLA, kv_lora_rank 512 + rope 64, random weights) in {model}")
+        model = str(trained_fixture("deepseek-v2-tiny"))
+        print(f"[1/3] bundled tiny DeepSeek-V2 (MLA, kv_lora_rank 512 + rope 64, 8 heads, 4 layers, "
+              f"trained on wikitext-2 validation text): {model}")
     else:
         print(f"[1/3] using model {model}")
     trace = work / "decode-trace.txt"
@@ -58,7 +59,7 @@ def _cmd_demo(args) -> int:
         print(f"      prompt: {args.prompt!r}")
         print(f"      output: {text!r}")
         if args.model is None:
-            print("      (random weights: the words are noise; the path is the point)")
+            print("      (a 6M-parameter model trained for 15 CPU minutes: wiki-flavoured, not wise)")
         ran = trace.read_text().strip().splitlines() if trace.exists() else []
         if not ran:
             print("error: the server answered, but mla_plugin's decode never ran", file=sys.stderr)
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="serve a tiny DeepSeek-V2 through the plugin and print a completion")
     demo.add_argument("--model", help="checkpoint to serve instead of the bundled tiny model")
-    demo.add_argument("--prompt", default="The tower is 324 metres tall , about the same height as")
+    demo.add_argument("--prompt", default="The album was released in")
     demo.add_argument("--max-tokens", type=int, default=16)
     demo.add_argument("--max-model-len", type=int, default=512)
     demo.add_argument("--dtype", default="float32")

@@ -122,6 +122,9 @@ def _score_vllm(model_path: str, windows, dtype: str, progress, *, attention_bac
                 nlls.append(-sum(scored) / len(scored))
     finally:
         del llm
+        from mla_plugin.vllm.engine import release_engine
+
+        release_engine()
     return nlls
 
 

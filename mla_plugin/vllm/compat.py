@@ -5,20 +5,13 @@ Everything else in mla_plugin.vllm imports vLLM internals from here.
 
 from importlib import metadata
 
-try:  # vLLM >= 0.32: the shared MLA scaffolding lives with the MLA layer
-    from vllm.model_executor.layers.attention.mla_attention import (
-        MLACommonBackend,
-        MLACommonImpl,
-        MLACommonMetadata,
-        MLACommonMetadataBuilder,
-    )
-except ImportError:  # older layout
-    from vllm.v1.attention.backends.mla.common import (  # type: ignore[no-redef]
-        MLACommonBackend,
-        MLACommonImpl,
-        MLACommonMetadata,
-        MLACommonMetadataBuilder,
-    )
+from vllm.model_executor.layers.attention.mla_attention import (
+    MLAAttention,
+    MLACommonBackend,
+    MLACommonImpl,
+    MLACommonMetadata,
+    MLACommonMetadataBuilder,
+)
 
 from vllm.v1.attention.backend import AttentionLayer, AttentionType, MultipleOf
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
@@ -41,6 +34,7 @@ __all__ = [
     "AttentionBackendEnum",
     "AttentionLayer",
     "AttentionType",
+    "MLAAttention",
     "MLACommonBackend",
     "MLACommonImpl",
     "MLACommonMetadata",

@@ -46,6 +46,7 @@ def note_decode_call(backend_name: str, cache: torch.Tensor, detail: str) -> Non
     LAST_CACHE_SHAPE[backend_name] = tuple(cache.shape)
     if not first:
         return
+    detail = f"{detail} cache={list(cache.shape)}"
     logger.info("mla_plugin: %s decode running in pid %d (%s)", backend_name, os.getpid(), detail)
     trace = os.environ.get(TRACE_ENV)
     if trace:

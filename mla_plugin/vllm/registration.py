@@ -26,16 +26,34 @@ logger = logging.getLogger("vllm.mla_plugin")
 # enum member name -> backend class path
 BACKENDS: dict[str, str] = {
     "MLA_PLUGIN": "mla_plugin.vllm.mla_backend.MLAPluginBackend",
+    "MLA_PLUGIN_GLA": "mla_plugin.vllm.gla_backend.MLAPluginGLABackend",
 }
+GLA = "MLA_PLUGIN_GLA"
 
 _HOOK_MARK = "_mla_plugin_hooked"
 
 
 def register() -> None:
     """Entry point; safe to call any number of times in any process."""
+    from mla_plugin.vllm.deepseek_hook import DEEPSEEK_V2, patch_deepseek_v2
+    from mla_plugin.vllm.import_hook import when_imported
+
     for name in BACKENDS:
         backend_member(name)
     _install_platform_hooks()
+    # The sharded-latent layout replaces DeepseekV2's attention module where requested.
+    when_imported(DEEPSEEK_V2, patch_deepseek_v2)
+
+
+def on_backend_selected(name: str) -> None:
+    """One of our backends serves layers in this process."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from mla_plugin.vllm import cpu_rope_fix
+
+        cpu_rope_fix.activate()
+    logger.info("mla_plugin: using the %s attention backend", name)
 
 
 def _reduce_member(name: str, _protocol=None):
@@ -86,6 +104,27 @@ def validate_request(vllm_config, name: str) -> None:
     cache_config = vllm_config.cache_config
     if cache_config is not None:
         check_kv_cache_dtype(str(cache_config.cache_dtype), name)
+    if name == GLA and model_config is not None:
+        from mla_plugin.gla_options import sharding_for
+
+        hf_config = model_config.hf_config
+        if getattr(hf_config, "model_type", None) != "deepseek_v2":
+            raise ValueError(
+                f"--attention-backend {name.lower()} serves DeepSeek-V2 checkpoints "
+                f"(model_type deepseek_v2); {model_config.model!r} is {hf_config.model_type!r}."
+            )
+        sharding_for(hf_config, vllm_config.parallel_config.tensor_parallel_size)
+
+
+def declared_layout_backend(vllm_config) -> str | None:
+    """A checkpoint converted to the sharded-latent layout asks for MLA_PLUGIN_GLA itself."""
+    from mla_plugin.gla_options import CONFIG_KEY
+
+    model_config = getattr(vllm_config, "model_config", None)
+    options = getattr(getattr(model_config, "hf_config", None), CONFIG_KEY, None)
+    if isinstance(options, dict) and options.get("layout") == "sharded_latent":
+        return GLA
+    return None
 
 
 def _install_platform_hooks() -> None:
@@ -109,16 +148,17 @@ def _install_platform_hooks() -> None:
                     f"--attention-backend {name.lower()} serves only MLA attention layers; "
                     "this layer is not MLA."
                 )
-            if current_platform.is_cpu():
-                from mla_plugin.vllm import cpu_rope_fix
-
-                cpu_rope_fix.activate()
-            logger.info("mla_plugin: using the %s attention backend", name)
+            on_backend_selected(name)
             return backend_member(name).get_path()
         return original_select(cls, selected_backend, attn_selector_config, *args, **kwargs)
 
     def check_and_update_config(cls, vllm_config):
         name = requested_backend(vllm_config)
+        declared = declared_layout_backend(vllm_config)
+        if declared is not None and name is None and vllm_config.attention_config.backend is None:
+            vllm_config.attention_config.backend = backend_member(declared)
+            name = declared
+            logger.info("mla_plugin: the checkpoint declares the sharded-latent layout; using %s", name)
         if name is None:
             return original_check(cls, vllm_config)
         validate_request(vllm_config, name)

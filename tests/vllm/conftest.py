@@ -43,3 +43,41 @@ def ours_576(tiny_ds_576):
     result = run_engine(tiny_ds_576, backend="mla_plugin")
     result["decode_calls"] = DECODE_CALLS.get("MLA_PLUGIN", 0) - before
     return result
+
+
+def gla(softmax="exact", rmsnorm="global", basis="identity", shards=2, **extra) -> dict:
+    """hf_overrides for the sharded-latent variant."""
+    return {"mla_plugin": dict(shards=shards, softmax=softmax, rmsnorm=rmsnorm, basis=basis, **extra)}
+
+
+# The TP=2 engines of the GLA tests, run once, one after another in one spawned
+# subprocess (each spawn-mode start costs about a minute on 2 cores).
+TP2_RUNS = {
+    "mla_random": dict(model="random", backend="mla_plugin"),
+    "exact_random": dict(model="random", backend="mla_plugin_gla", hf_overrides=gla("exact")),
+    "partitioned_random": dict(model="random", backend="mla_plugin_gla",
+                               hf_overrides=gla("partitioned", "local", "hadamard")),
+    "grouped_random": dict(model="random", backend="mla_plugin_gla", hf_overrides=gla("grouped", "local")),
+    "exact_trained": dict(model="trained", backend="mla_plugin_gla", hf_overrides=gla("exact")),
+}
+
+
+@pytest.fixture(scope="session")
+def tp2_runs(tiny_ds_576, tmp_path_factory):
+    """name -> (result, log section, trace file) for each TP2_RUNS entry."""
+    from mla_plugin.fixtures import trained_fixture
+    from tests.vllm.engines import run_engines_subprocess
+
+    tmp = tmp_path_factory.mktemp("tp2")
+    models = {"random": tiny_ds_576, "trained": str(trained_fixture("deepseek-v2-tiny"))}
+    runs = []
+    for name, spec in TP2_RUNS.items():
+        run = dict(spec, model=models[spec["model"]], tensor_parallel_size=2,
+                   distributed_executor_backend="mp", trace_file=str(tmp / f"{name}.trace"))
+        runs.append(run)
+    results, log = run_engines_subprocess(tmp, runs, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+                                          timeout=1500)
+    sections = log.split("=== engine run ")[1:]
+    assert len(sections) == len(runs), log[-3000:]
+    return {name: (result, section, tmp / f"{name}.trace")
+            for name, result, section in zip(TP2_RUNS, results, sections)}

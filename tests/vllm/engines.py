@@ -5,12 +5,13 @@ Subprocess use:  python -m tests.vllm.engines '<json kwargs of run_engine>' OUT.
 """
 
 import functools
-import gc
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from mla_plugin.vllm.engine import release_engine
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,6 +63,9 @@ def run_engine(
     """Prompt logprobs and greedy decode (token ids and their logprobs) from vLLM."""
     from vllm import LLM, SamplingParams
 
+    trace_file = engine_overrides.pop("trace_file", None)
+    if trace_file is not None:  # inherited by the processes this engine spawns
+        os.environ["MLA_PLUGIN_TRACE_FILE"] = str(trace_file)
     kwargs = dict(EXACT_ENGINE)
     kwargs.setdefault("distributed_executor_backend", "uni")
     kwargs.update(engine_overrides)
@@ -73,21 +77,7 @@ def run_engine(
         return _collect(llm.generate(prompts or PROMPTS, params, use_tqdm=False))
     finally:
         del llm
-        _teardown()
-
-
-def _teardown() -> None:
-    gc.collect()
-    try:
-        from vllm.distributed.parallel_state import (
-            destroy_distributed_environment,
-            destroy_model_parallel,
-        )
-
-        destroy_model_parallel()
-        destroy_distributed_environment()
-    except Exception:  # nothing was initialised
-        pass
+        release_engine()
 
 
 def run_engine_subprocess(
@@ -97,13 +87,21 @@ def run_engine_subprocess(
 
     Returns (result, combined output). Raises with the output's tail on failure.
     """
-    out_file = Path(tmp_dir) / "engine_result.json"
+    results, log = run_engines_subprocess(tmp_dir, [run_kwargs], env=env, timeout=timeout)
+    return results[0], log
+
+
+def run_engines_subprocess(
+    tmp_dir: Path, runs: list[dict], env: dict | None = None, timeout: float = 900
+) -> tuple[list[dict], str]:
+    """Several run_engine calls, one after another, in one fresh Python (spawn start)."""
+    out_file = Path(tmp_dir) / "engine_results.json"
     full_env = dict(os.environ)
     full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.vllm.engines", json.dumps(run_kwargs), str(out_file)],
+        [sys.executable, "-m", "tests.vllm.engines", json.dumps(runs), str(out_file)],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
     log = proc.stdout + proc.stderr
@@ -164,5 +162,9 @@ def logprob_spread(result: dict) -> float:
 
 
 if __name__ == "__main__":
-    kwargs, out_path = json.loads(sys.argv[1]), sys.argv[2]
-    Path(out_path).write_text(json.dumps(run_engine(**kwargs)))
+    runs, out_path = json.loads(sys.argv[1]), sys.argv[2]
+    results = []
+    for kwargs in runs:
+        print(f"=== engine run {len(results)}: {json.dumps(kwargs)}", flush=True)
+        results.append(run_engine(**kwargs))
+    Path(out_path).write_text(json.dumps(results))

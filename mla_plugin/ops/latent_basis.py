@@ -1,0 +1,114 @@
+"""Orthogonal bases for the latent, and folding the RMSNorm weight into the weights.
+
+Before the latent is cut into shards, an orthogonal ``R`` (d_c x d_c) may rotate it.
+Weights use the row convention of ``nn.Linear`` (``c_t = W_DKV x_t``, rows = latent
+dims); with the norm weight γ folded into the up-projections the layer becomes
+
+    W_DKV'   = Rᵀ W_DKV
+    W_UK,h'  = W_UK,h diag(γ) R
+    W_UV,h'  = W_UV,h diag(γ) R
+
+and the cache holds the weightless ``ĉ'_t = c'_t / rms(c'_t) = Rᵀ c_t / rms(c_t)``.
+Under the global RMSNorm this is exact, since ``‖Rᵀc‖ = ‖c‖``:
+``W_UK,h' ĉ'_t = W_UK,h diag(γ) c_t / rms(c_t)``, the original key, and likewise the value.
+
+Bases: ``identity``; ``hadamard`` (spreads energy evenly over the shards);
+``pca`` of the up-projection weights (concentrates it in the leading shards).
+"""
+
+import torch
+
+BASES = ("identity", "hadamard", "pca")
+
+
+def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix ``[n, n]`` with entries ±1/sqrt(n).
+
+    ``n`` must be a power of two (1, 2, 4, ...).
+    """
+    if not isinstance(n, int) or n < 1 or n & (n - 1):
+        raise ValueError(f"hadamard_matrix needs a power of two n >= 1, got {n!r}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0)
+    return (h / n**0.5).to(dtype)
+
+
+def _fix_column_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each column so that its largest-magnitude entry (first on ties) is positive."""
+    pivot = vectors.abs().argmax(dim=0)  # [n]
+    signs = torch.sign(vectors[pivot, torch.arange(vectors.shape[1])])
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return vectors * signs.unsqueeze(0)
+
+
+def pca_basis_from_weights(w_uk: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+    """Principal axes of the latent as seen by the up-projections, ``[d_c, d_c]`` float64.
+
+    ``w_uk`` [H, d_nope, d_c], ``w_uv`` [H, d_v, d_c]. Columns are the eigenvectors of
+    ``M = Σ_h (W_UK,hᵀ W_UK,h + W_UV,hᵀ W_UV,h)`` by descending eigenvalue, each with
+    its largest-magnitude entry made positive, so the result is deterministic.
+    """
+    if w_uk.dim() != 3 or w_uv.dim() != 3:
+        raise ValueError(
+            f"w_uk and w_uv must be [H, d, d_c], got {tuple(w_uk.shape)} and {tuple(w_uv.shape)}"
+        )
+    if w_uk.shape[-1] != w_uv.shape[-1]:
+        raise ValueError(f"w_uk d_c {w_uk.shape[-1]} != w_uv d_c {w_uv.shape[-1]}")
+    uk, uv = w_uk.to(torch.float64), w_uv.to(torch.float64)
+    gram = torch.einsum("hnc,hnd->cd", uk, uk) + torch.einsum("hvc,hvd->cd", uv, uv)  # [d_c, d_c]
+    gram = 0.5 * (gram + gram.T)  # exactly symmetric for eigh
+    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
+    return _fix_column_signs(vectors.flip(-1))
+
+
+def basis_matrix(
+    name: str,
+    d_c: int,
+    w_uk: torch.Tensor | None = None,
+    w_uv: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The orthogonal rotation ``R`` [d_c, d_c] (float64) for a basis name in ``BASES``.
+
+    ``pca`` needs ``w_uk`` and ``w_uv`` (see ``pca_basis_from_weights``).
+    """
+    if name == "identity":
+        return torch.eye(d_c, dtype=torch.float64)
+    if name == "hadamard":
+        return hadamard_matrix(d_c)
+    if name == "pca":
+        if w_uk is None or w_uv is None:
+            raise ValueError("basis 'pca' needs w_uk and w_uv")
+        basis = pca_basis_from_weights(w_uk, w_uv)
+        if basis.shape[0] != d_c:
+            raise ValueError(f"weights have d_c {basis.shape[0]}, expected {d_c}")
+        return basis
+    raise ValueError(f"unknown basis {name!r}; valid: {', '.join(BASES)}")
+
+
+def fold_gamma_and_rotate(
+    w_dkv: torch.Tensor,  # [d_c, d_model]  latent rows of kv_a_proj_with_mqa
+    gamma: torch.Tensor,  # [d_c]            kv_a_layernorm weight
+    w_uk: torch.Tensor,  # [H, d_nope, d_c]
+    w_uv: torch.Tensor,  # [H, d_v, d_c]
+    rotation: torch.Tensor,  # [d_c, d_c] orthogonal R
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return ``(Rᵀ W_DKV, W_UK diag(γ) R, W_UV diag(γ) R)`` in the inputs' dtypes.
+
+    Computed in float64. Afterwards the latent norm must be weightless.
+    """
+    d_c = w_dkv.shape[0]
+    if gamma.shape != (d_c,) or rotation.shape != (d_c, d_c):
+        raise ValueError(
+            f"gamma {tuple(gamma.shape)} / rotation {tuple(rotation.shape)} do not match d_c {d_c}"
+        )
+    if w_uk.shape[-1] != d_c or w_uv.shape[-1] != d_c:
+        raise ValueError(
+            f"w_uk {tuple(w_uk.shape)} / w_uv {tuple(w_uv.shape)} do not end in d_c {d_c}"
+        )
+    f64 = torch.float64
+    rot, g = rotation.to(f64), gamma.to(f64)
+    new_dkv = rot.T @ w_dkv.to(f64)  # [d_c, d_model]
+    new_uk = (w_uk.to(f64) * g) @ rot  # [H, d_nope, d_c]
+    new_uv = (w_uv.to(f64) * g) @ rot  # [H, d_v, d_c]
+    return new_dkv.to(w_dkv.dtype), new_uk.to(w_uk.dtype), new_uv.to(w_uv.dtype)
