@@ -99,13 +99,20 @@ class ShardedLatentImpl(MLAPluginImpl):
             all_reduce=self._all_reduce(),
         )
 
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        """Keep W_UK [H, d_nope, d_loc] and W_UV [H, d_v, d_loc] of this rank's slices.
+
+        MLAAttention calls this after the owning module has prepared kv_b_proj (γ,
+        basis and logit scale folded in, our slices kept) and before it may free it.
+        """
+        weight = self.kv_b_proj.weight  # [H * (d_nope + d_v), d_loc]
+        per_head = weight.detach().view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
+        w_uk, w_uv = per_head.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+        self._up_proj = (w_uk.contiguous(), w_uv.contiguous())
+
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, d_nope, d_loc] and W_UV [H, d_v, d_loc] of this rank's slices."""
         if self._up_proj is None:
-            weight = self.kv_b_proj.weight  # [H * (d_nope + d_v), d_loc]
-            per_head = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
-            w_uk, w_uv = per_head.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-            self._up_proj = (w_uk.contiguous(), w_uv.contiguous())
+            raise RuntimeError(f"{GLA_BACKEND_NAME}: weights used before process_weights_after_loading")
         return self._up_proj
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata: ShardedLatentMetadata,

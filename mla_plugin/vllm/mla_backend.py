@@ -147,8 +147,8 @@ class MLAPluginImpl(MLACommonImpl[MLAPluginMetadata]):
         self._pad_v = False
 
     def do_kv_cache_update(
-        self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale
-    ) -> None:
+        self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale, skip_scale=False
+    ) -> None:  # skip_scale: vLLM 0.33 passes it; meaningless for unquantised caches
         write_latent_cache(kv_c_normed, k_pe, kv_cache, slot_mapping)
 
     def forward_mqa(

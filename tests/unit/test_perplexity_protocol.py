@@ -96,3 +96,33 @@ def test_no_text_and_no_hub_is_a_clear_error(tiny_model, monkeypatch):
     assert proc.returncode == 2
     assert "Pass the text with --text FILE" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_cli_json_output(tiny_model, tmp_path):
+    import json
+
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mla_plugin.cli", "ppl", tiny_model, "--engine", "transformers",
+         "--text", str(text_file), "--window", "16", "--max-windows", "4", "--dtype", "float32", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (result["engine"], result["window"], result["windows"], result["tokens_scored"]) == (
+        "transformers", 16, 4, 4 * 15)
+    direct = perplexity(tiny_model, engine="transformers", text=TEXT, window=16, max_windows=4,
+                        show_progress=False)
+    assert result["ppl"] == pytest.approx(direct.ppl, rel=1e-9)
+
+
+def test_cli_rejects_vllm_options_for_transformers(tiny_model, tmp_path):
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mla_plugin.cli", "ppl", tiny_model, "--engine", "transformers",
+         "--text", str(text_file), "--attention-backend", "mla_plugin"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "need --engine vllm" in proc.stderr

@@ -84,3 +84,21 @@ def test_bad_options_are_clear_errors(tiny_ds_576, overrides, message):
 def test_gla_refuses_model_without_mla(tiny_llama):
     with pytest.raises(ValueError, match="needs a model with multi-head latent attention"):
         run_engine(tiny_llama, backend="mla_plugin_gla", max_tokens=1)
+
+
+def test_declared_layout_needs_no_flags(tiny_ds_576, ours_576, tmp_path):
+    """A checkpoint whose config.json declares the sharded layout is served as such."""
+    import json
+    import shutil
+
+    from mla_plugin.vllm.mla_backend import DECODE_CALLS
+
+    model = tmp_path / "declared"
+    shutil.copytree(tiny_ds_576, model)
+    config = json.loads((model / "config.json").read_text())
+    config["mla_plugin"] = {"layout": "sharded_latent", "shards": 2, "softmax": "exact"}
+    (model / "config.json").write_text(json.dumps(config))
+    before = DECODE_CALLS.get("MLA_PLUGIN_GLA", 0)
+    result = run_engine(str(model))  # no attention_backend, no hf_overrides
+    assert DECODE_CALLS.get("MLA_PLUGIN_GLA", 0) > before
+    assert_same_logprobs(result, ours_576, atol=1e-4)
