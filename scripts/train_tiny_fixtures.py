@@ -7,7 +7,8 @@ Seeded and deterministic on CPU (fixed step count, fixed data order). Trained on
 wikitext-2 *validation* tokens (../shared/data/wikitext-2/valid.tokens.txt) only, never
 on the test split; the last 2% of it is held out to report a dev loss. Weights are
 stored in bfloat16 (the fixtures are evaluated in float32 from those values) to keep
-the two under 40 MB together. About 15 minutes (DeepSeek) and 10 minutes (Llama) on 2 cores.
+the two under 40 MB together. About 15 minutes (DeepSeek) and 10 minutes (Llama) on 2 otherwise idle cores
+(34 minutes measured for DeepSeek while other work shared the cores).
 """
 
 import argparse
