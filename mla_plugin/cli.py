@@ -2,6 +2,7 @@
 
     mla-plugin demo                 serve a bundled tiny DeepSeek-V2 through the plugin
     mla-plugin ppl MODEL            wikitext-2 perplexity (vLLM or transformers engine)
+    mla-plugin convert mla-to-gla SRC DST --shards G   DeepSeek-V2 -> sharded-latent layout
     mla-plugin make-tiny-model DIR  write a tiny random DeepSeek-V2 checkpoint
 """
 
@@ -59,7 +60,7 @@ def _cmd_demo(args) -> int:
         print(f"      prompt: {args.prompt!r}")
         print(f"      output: {text!r}")
         if args.model is None:
-            print("      (a 6M-parameter model trained for 15 CPU minutes: wiki-flavoured, not wise)")
+            print("      (a 6.8M-parameter model trained briefly on CPU: wiki-flavoured, not wise)")
         ran = trace.read_text().strip().splitlines() if trace.exists() else []
         if not ran:
             print("error: the server answered, but mla_plugin's decode never ran", file=sys.stderr)
@@ -116,6 +117,20 @@ def _cmd_ppl(args) -> int:
     return 0
 
 
+def _cmd_convert_mla_to_gla(args) -> int:
+    from mla_plugin.convert.mla_to_gla import ConversionError, convert_mla_to_gla
+
+    logit_scale = args.logit_scale if args.logit_scale == "auto" else float(args.logit_scale)
+    try:
+        report = convert_mla_to_gla(args.src, args.dst, shards=args.shards, softmax=args.softmax,
+                                    rmsnorm=args.rmsnorm, basis=args.basis, logit_scale=logit_scale)
+    except ConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mla-plugin", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,6 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--block-size", type=int, help="vLLM KV-cache block size")
     ppl.add_argument("--json", action="store_true", help="print one JSON object, no progress bar")
     ppl.set_defaults(func=_cmd_ppl)
+
+    convert = sub.add_parser("convert", help="checkpoint converters").add_subparsers(dest="converter", required=True)
+    to_gla = convert.add_parser(
+        "mla-to-gla", help="DeepSeek-V2 (MLA) -> sharded-latent layout served by mla_plugin_gla with no flags",
+        description="Folds the latent RMSNorm weight into the up-projections, rotates the latent into the "
+                    "chosen basis, folds the slice logit scale (approximate modes), and declares the layout "
+                    "in config.json. Streams tensor by tensor.")
+    to_gla.add_argument("src")
+    to_gla.add_argument("dst", help="new or empty folder")
+    to_gla.add_argument("--shards", type=int, required=True, help="g, the number of latent slices")
+    to_gla.add_argument("--softmax", choices=["exact", "partitioned", "grouped"], default="partitioned")
+    to_gla.add_argument("--rmsnorm", choices=["global", "local"], default="global")
+    to_gla.add_argument("--basis", choices=["identity", "hadamard", "pca"], default="hadamard")
+    to_gla.add_argument("--logit-scale", default="auto", help="number, or auto (g for partitioned)")
+    to_gla.set_defaults(func=_cmd_convert_mla_to_gla)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random DeepSeek-V2 checkpoint")
     tiny.add_argument("dst")

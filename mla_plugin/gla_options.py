@@ -21,6 +21,8 @@ Given with ``--hf-overrides '{"mla_plugin": {...}}'`` (or written into config.js
     layout       "mla" (default): an ordinary DeepSeek-V2 checkpoint; the norm weight,
                  basis and scales are applied at load time. "sharded_latent": a converted
                  checkpoint that already has them folded in (basis must be "identity").
+    converted_with  written by `mla-plugin convert mla-to-gla` (the basis and scale it
+                 folded in); informational.
 """
 
 from dataclasses import asdict, dataclass
@@ -40,6 +42,7 @@ class ShardedLatentOptions:
     basis: str = "identity"
     logit_scale: float | str = "auto"
     layout: str = "mla"
+    converted_with: dict | None = None  # written by the converter; informational only
 
     @classmethod
     def from_config(cls, raw) -> "ShardedLatentOptions":
@@ -74,6 +77,8 @@ class ShardedLatentOptions:
         elif not isinstance(self.logit_scale, (int, float)) or isinstance(self.logit_scale, bool) \
                 or not self.logit_scale > 0:
             raise ValueError(f"{CONFIG_KEY}.logit_scale must be a positive number, got {self.logit_scale!r}")
+        if self.converted_with is not None and not isinstance(self.converted_with, dict):
+            raise ValueError(f"{CONFIG_KEY}.converted_with must be an object")
         if self.layout == "sharded_latent" and self.basis != "identity":
             raise ValueError(f"{CONFIG_KEY}: a 'sharded_latent' checkpoint has its basis applied already; "
                              "basis must be 'identity'")

@@ -1,0 +1,1 @@
+"""Checkpoint converters (no vLLM import)."""
