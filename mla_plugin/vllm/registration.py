@@ -38,6 +38,12 @@ def register() -> None:
     from mla_plugin.vllm.deepseek_hook import DEEPSEEK_V2, patch_deepseek_v2
     from mla_plugin.vllm.import_hook import when_imported
 
+    from mla_plugin.vllm.compat import SUPPORTED_VLLM, vllm_version, vllm_version_supported
+
+    if not vllm_version_supported() and not getattr(register, "_warned", False):
+        register._warned = True
+        logger.warning("mla_plugin is tested with vLLM %s; this is vLLM %s",
+                       " and ".join(SUPPORTED_VLLM), vllm_version())
     for name in BACKENDS:
         backend_member(name)
     _install_platform_hooks()

@@ -1,7 +1,7 @@
 """Run tiny models through vLLM (in this process, or in a subprocess with vLLM's
 default spawn start) and through transformers, and compare logprobs.
 
-Subprocess use:  python -m tests.vllm.engines '<json kwargs of run_engine>' OUT.json
+Subprocess use:  python -m tests.vllm.engines '<json list of run_engine kwargs>' OUT.json
 """
 
 import functools
@@ -78,17 +78,6 @@ def run_engine(
     finally:
         del llm
         release_engine()
-
-
-def run_engine_subprocess(
-    tmp_dir: Path, env: dict | None = None, timeout: float = 600, **run_kwargs
-) -> tuple[dict, str]:
-    """run_engine in a fresh Python with vLLM's default multiprocessing (spawn).
-
-    Returns (result, combined output). Raises with the output's tail on failure.
-    """
-    results, log = run_engines_subprocess(tmp_dir, [run_kwargs], env=env, timeout=timeout)
-    return results[0], log
 
 
 def run_engines_subprocess(
