@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from mla_plugin.convert.safetensors_stream import StreamingWriter, tensor_entries
-from mla_plugin.gla_options import CONFIG_KEY, ShardedLatentOptions
-from mla_plugin.ops.latent_basis import basis_matrix, fold_gamma_and_rotate
+from mla_plugin.gla_options import CONFIG_KEY, ResolvedSharding, ShardedLatentOptions
+from mla_plugin.ops.latent_basis import fold_latent_weights
 
 CONVERTER_BASES = ("identity", "hadamard", "pca")
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.(kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj)\.weight$")
@@ -69,7 +69,7 @@ def _safetensors_files(src: Path) -> list[Path]:
     return files
 
 
-def _check_inputs(src: Path, dst: Path, config: dict, options: ShardedLatentOptions) -> None:
+def _check_inputs(src: Path, dst: Path, config: dict, options: ShardedLatentOptions) -> ResolvedSharding:
     if config.get("model_type") != "deepseek_v2" or "kv_lora_rank" not in config:
         arch = ", ".join(config.get("architectures") or [config.get("model_type", "unknown")])
         raise ConversionError(
@@ -80,10 +80,11 @@ def _check_inputs(src: Path, dst: Path, config: dict, options: ShardedLatentOpti
                               "(DeepSeek-V2-Lite style, q_lora_rank = null, is)")
     if dst.exists() and any(dst.iterdir()):
         raise ConversionError(f"{dst} exists and is not empty; give a new or empty folder")
-    options.resolve(tp_size=1, kv_lora_rank=config["kv_lora_rank"], num_heads=config["num_attention_heads"])
+    return options.resolve(tp_size=1, kv_lora_rank=config["kv_lora_rank"],
+                           num_heads=config["num_attention_heads"])
 
 
-def _layer_transforms(files, config, options, scale, basis, progress) -> dict[str, torch.Tensor]:
+def _layer_transforms(files, config, scale, basis, progress) -> dict[str, torch.Tensor]:
     """New kv_a_proj_with_mqa, kv_a_layernorm and kv_b_proj weights for every layer."""
     from safetensors import safe_open
 
@@ -110,11 +111,8 @@ def _layer_transforms(files, config, options, scale, basis, progress) -> dict[st
                 return f.get_tensor(f"model.layers.{layer}.self_attn.{kind}.weight").to(torch.float64)
 
         kv_a, gamma, kv_b = load("kv_a_proj_with_mqa"), load("kv_a_layernorm"), load("kv_b_proj")
-        per_head = kv_b.view(heads, nope + v, d_c)
-        w_uk, w_uv = per_head[:, :nope], per_head[:, nope:]  # [H, d_nope, d_c], [H, d_v, d_c]
-        rotation = basis_matrix(basis, d_c, w_uk * gamma, w_uv * gamma)
-        w_dkv, w_uk, w_uv = fold_gamma_and_rotate(kv_a[:d_c], gamma, w_uk, w_uv, rotation)
-        w_uk = w_uk * scale
+        _, w_dkv, w_uk, w_uv = fold_latent_weights(kv_b, gamma, num_heads=heads, nope_dim=nope, v_dim=v,
+                                                   basis=basis, logit_scale=scale, w_dkv=kv_a[:d_c])
         prefix = f"model.layers.{layer}.self_attn."
         replaced[prefix + "kv_a_proj_with_mqa.weight"] = (torch.cat([w_dkv, kv_a[d_c:]]), parts["kv_a_proj_with_mqa"][1])
         replaced[prefix + "kv_a_layernorm.weight"] = (torch.ones(d_c, dtype=torch.float64), parts["kv_a_layernorm"][1])
@@ -135,14 +133,12 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = "partitioned", r
     if basis not in CONVERTER_BASES:
         raise ConversionError(f"basis must be one of {list(CONVERTER_BASES)}, got {basis!r}")
     try:
-        runtime = ShardedLatentOptions(shards=shards, softmax=softmax, rmsnorm=rmsnorm, basis="identity",
-                                       logit_scale=logit_scale, layout="sharded_latent")
-        runtime._check()
-        _check_inputs(src, dst, config, runtime)
+        runtime = ShardedLatentOptions.from_config(dict(
+            shards=shards, softmax=softmax, rmsnorm=rmsnorm, basis="identity",
+            logit_scale=logit_scale, layout="sharded_latent"))
+        resolved = _check_inputs(src, dst, config, runtime)
     except ValueError as err:
         raise ConversionError(str(err)) from None
-    resolved = runtime.resolve(tp_size=1, kv_lora_rank=config["kv_lora_rank"],
-                               num_heads=config["num_attention_heads"])
 
     def progress(items, desc):
         if not show_progress:
@@ -152,7 +148,7 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = "partitioned", r
         return tqdm(items, desc=desc)
 
     files = _safetensors_files(src)
-    replaced = _layer_transforms(files, config, runtime, resolved.logit_scale, basis, progress)
+    replaced = _layer_transforms(files, config, resolved.logit_scale, basis, progress)
     dst.mkdir(parents=True, exist_ok=True)
     copied = 0
     for path in progress(files, desc="write"):

@@ -87,20 +87,24 @@ def basis_matrix(
 
 
 def fold_gamma_and_rotate(
-    w_dkv: torch.Tensor,  # [d_c, d_model]  latent rows of kv_a_proj_with_mqa
+    w_dkv: torch.Tensor | None,  # [d_c, d_model]  latent rows of kv_a_proj_with_mqa (or None)
     gamma: torch.Tensor,  # [d_c]            kv_a_layernorm weight
     w_uk: torch.Tensor,  # [H, d_nope, d_c]
     w_uv: torch.Tensor,  # [H, d_v, d_c]
     rotation: torch.Tensor,  # [d_c, d_c] orthogonal R
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """Return ``(Rᵀ W_DKV, W_UK diag(γ) R, W_UV diag(γ) R)`` in the inputs' dtypes.
 
-    Computed in float64. Afterwards the latent norm must be weightless.
+    Computed in float64. Afterwards the latent norm must be weightless. ``w_dkv=None``
+    (the latent is rotated at run time instead) gives None in its place.
     """
-    d_c = w_dkv.shape[0]
-    if gamma.shape != (d_c,) or rotation.shape != (d_c, d_c):
+    d_c = gamma.shape[0]
+    if gamma.shape != (d_c,) or rotation.shape != (d_c, d_c) or (
+        w_dkv is not None and w_dkv.shape[0] != d_c
+    ):
         raise ValueError(
-            f"gamma {tuple(gamma.shape)} / rotation {tuple(rotation.shape)} do not match d_c {d_c}"
+            f"gamma {tuple(gamma.shape)} / rotation {tuple(rotation.shape)} / w_dkv "
+            f"{None if w_dkv is None else tuple(w_dkv.shape)} do not match d_c {d_c}"
         )
     if w_uk.shape[-1] != d_c or w_uv.shape[-1] != d_c:
         raise ValueError(
@@ -108,7 +112,35 @@ def fold_gamma_and_rotate(
         )
     f64 = torch.float64
     rot, g = rotation.to(f64), gamma.to(f64)
-    new_dkv = rot.T @ w_dkv.to(f64)  # [d_c, d_model]
+    new_dkv = None if w_dkv is None else (rot.T @ w_dkv.to(f64)).to(w_dkv.dtype)  # [d_c, d_model]
     new_uk = (w_uk.to(f64) * g) @ rot  # [H, d_nope, d_c]
     new_uv = (w_uv.to(f64) * g) @ rot  # [H, d_v, d_c]
-    return new_dkv.to(w_dkv.dtype), new_uk.to(w_uk.dtype), new_uv.to(w_uv.dtype)
+    return new_dkv, new_uk.to(w_uk.dtype), new_uv.to(w_uv.dtype)
+
+
+def fold_latent_weights(
+    kv_b: torch.Tensor,  # [H * (d_nope + d_v), d_c]  kv_b_proj weight
+    gamma: torch.Tensor,  # [d_c]                      kv_a_layernorm weight
+    *,
+    num_heads: int,
+    nope_dim: int,
+    v_dim: int,
+    basis: str,
+    logit_scale: float = 1.0,
+    w_dkv: torch.Tensor | None = None,  # [d_c, d_model], rotated too when given
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The sharded-latent weight preparation shared by the runtime and the converter.
+
+    Splits kv_b_proj per head, picks the rotation R for ``basis`` from the γ-folded
+    up-projections, folds γ and R in, and multiplies W_UK by the slice logit scale.
+    Returns ``(R, Rᵀ W_DKV or None, W_UK', W_UV')``, all float64.
+    """
+    f64 = torch.float64
+    d_c = kv_b.shape[-1]
+    per_head = kv_b.to(f64).reshape(num_heads, nope_dim + v_dim, d_c)
+    w_uk, w_uv = per_head[:, :nope_dim], per_head[:, nope_dim:]  # [H, d_nope, d_c], [H, d_v, d_c]
+    gamma = gamma.to(f64)
+    rotation = basis_matrix(basis, d_c, w_uk * gamma, w_uv * gamma)
+    w_dkv = None if w_dkv is None else w_dkv.to(f64)
+    w_dkv, w_uk, w_uv = fold_gamma_and_rotate(w_dkv, gamma, w_uk, w_uv, rotation)
+    return rotation, w_dkv, w_uk * logit_scale, w_uv

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mla_plugin.gla_options import sharding_for
-from mla_plugin.ops.latent_basis import basis_matrix, fold_gamma_and_rotate
+from mla_plugin.ops.latent_basis import fold_latent_weights
 from mla_plugin.ops.sharded_latent import latent_rmsnorm
 from mla_plugin.vllm.gla_backend import GLA_BACKEND_NAME, MLAPluginGLABackend, ShardRuntime
 
@@ -104,16 +104,13 @@ class ShardedLatentDeepseekAttention(nn.Module):
         self.weights_prepared = True
         heads, nope, v = self.num_heads, self.qk_nope_head_dim, self.v_head_dim
         weight = self.kv_b_proj.weight
-        full = weight.detach().to(torch.float64).view(heads, nope + v, self.kv_lora_rank)
-        w_uk, w_uv = full[:, :nope], full[:, nope:]  # [H, d_nope, d_c], [H, d_v, d_c]
-        gamma = self.kv_a_layernorm.weight.detach().to(torch.float64)
-        rotation = basis_matrix(self.options.basis, self.kv_lora_rank, w_uk * gamma, w_uv * gamma)
-        w_dkv = torch.zeros(self.kv_lora_rank, 1, dtype=torch.float64)  # rotated at run time instead
-        _, w_uk, w_uv = fold_gamma_and_rotate(w_dkv, gamma, w_uk, w_uv, rotation)
+        # W_DKV stays as loaded: the latent is rotated at run time (c' = c R) instead.
+        rotation, _, w_uk, w_uv = fold_latent_weights(
+            weight.detach(), self.kv_a_layernorm.weight.detach(), num_heads=heads, nope_dim=nope,
+            v_dim=v, basis=self.options.basis, logit_scale=self.sharding.logit_scale)
         if self.options.basis != "identity":
             self.latent_basis.copy_(rotation.to(self.latent_basis.dtype))
             self.rotate_latent = True
-        w_uk = w_uk * self.sharding.logit_scale  # λ on every slice's partial latent logit
         cols = self._local_columns()
         local = torch.cat([w_uk[..., cols], w_uv[..., cols]], dim=1)  # [H, d_nope + d_v, d_loc]
         local = local.reshape(heads * (nope + v), -1).to(weight.dtype)
