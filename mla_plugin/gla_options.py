@@ -23,6 +23,8 @@ Given with ``--hf-overrides '{"mla_plugin": {...}}'`` (or written into config.js
                  checkpoint that already has them folded in (basis must be "identity").
     converted_with  written by `mla-plugin convert mla-to-gla` (the basis and scale it
                  folded in); informational.
+
+The same entry may also carry checkpoint-format keys (checkpoint_format.py), validated there.
 """
 
 from dataclasses import asdict, dataclass
@@ -51,11 +53,13 @@ class ShardedLatentOptions:
             return cls()
         if not isinstance(raw, dict):
             raise ValueError(f"{CONFIG_KEY} options must be a JSON object, got {type(raw).__name__}")
+        from mla_plugin.checkpoint_format import FORMAT_KEYS
+
         known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(set(raw) - known - set(FORMAT_KEYS))
         if unknown:
-            raise ValueError(f"unknown {CONFIG_KEY} option(s) {unknown}; valid: {sorted(known)}")
-        opts = cls(**raw)
+            raise ValueError(f"unknown {CONFIG_KEY} option(s) {unknown}; valid: {sorted(known | set(FORMAT_KEYS))}")
+        opts = cls(**{k: v for k, v in raw.items() if k in known})
         opts._check()
         return opts
 

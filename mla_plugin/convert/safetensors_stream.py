@@ -33,6 +33,29 @@ def tensor_entries(path: Path) -> dict[str, tuple[torch.dtype, list[int]]]:
             for name, info in header.items() if name != "__metadata__"}
 
 
+def read_tensor(path: Path, name: str) -> torch.Tensor:
+    """One tensor, read with plain file reads into memory the caller owns.
+
+    Not safetensors' safe_open: that maps the whole file copy-on-write, which counts as
+    the process's own memory under a limit (RLIMIT_DATA) and in its RSS.
+    """
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        if name not in header:
+            raise KeyError(f"{name} not in {path}")
+        info = header[name]
+        begin, end = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        out = torch.empty(info["shape"], dtype=dtype)
+        if end > begin:
+            f.seek(8 + length + begin)
+            buffer = out.reshape(-1).view(torch.uint8).numpy()
+            if f.readinto(memoryview(buffer)) != end - begin:
+                raise ValueError(f"{path}: {name} is truncated")
+        return out
+
+
 class StreamingWriter:
     """Write a safetensors file whose tensors are given up front by (name, dtype, shape)."""
 
@@ -61,7 +84,8 @@ class StreamingWriter:
             raise ValueError(f"{name}: got {tensor.dtype} {list(tensor.shape)}, header says "
                              f"{info['dtype']} {info['shape']}")
         data = tensor.detach().contiguous().cpu()
-        self._file.write(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+        if data.numel():
+            self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))  # no copy
         self._next += 1
 
     def close(self) -> None:

@@ -88,7 +88,10 @@ def _score_transformers(model_path: str, windows, dtype: str, progress) -> list[
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).eval()
+    # Checkpoints from `mla-plugin convert gqa-to-mla` carry their own modeling file.
+    config = json.loads((Path(model_path) / "config.json").read_text()) if (Path(model_path) / "config.json").exists() else {}
+    remote = "auto_map" in config and "mla_plugin" in config
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), trust_remote_code=remote).eval()
     nlls = []
     with torch.no_grad():
         for window in progress(windows):

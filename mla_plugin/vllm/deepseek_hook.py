@@ -1,4 +1,5 @@
-"""Route DeepseekV2's MLA attention to the sharded-latent module where it is requested.
+"""Route DeepseekV2's MLA attention to the sharded-latent module where it is requested,
+and apply a converted checkpoint's declared format (checkpoint_format_hook.py).
 
 Light on purpose: imported by the plugin entry point in every vLLM process; the heavy
 module (gla_attention) is imported only when a layer of that kind is built.
@@ -22,13 +23,27 @@ def patch_deepseek_v2(module) -> None:
         return
 
     def attention_factory(*args, **kwargs):
+        from mla_plugin.checkpoint_format import format_of
+
+        config = kwargs.get("config", args[1] if len(args) > 1 else None)
+        fmt = format_of(config)
         if sharded_layout_requested():
             from mla_plugin.vllm.gla_attention import ShardedLatentDeepseekAttention
             from mla_plugin.vllm.registration import GLA, on_backend_selected
 
+            if not fmt.is_stock:
+                raise NotImplementedError(
+                    "the sharded-latent variant does not serve checkpoints converted from GQA "
+                    "(no latent RMSNorm / biases / explicit rope frequencies) yet; serve it with "
+                    "--attention-backend mla_plugin")
             on_backend_selected(GLA)
             return ShardedLatentDeepseekAttention(*args, **kwargs)
-        return original(*args, **kwargs)
+        attn = original(*args, **kwargs)
+        if not fmt.is_stock:
+            from mla_plugin.vllm.checkpoint_format_hook import apply_checkpoint_format
+
+            apply_checkpoint_format(attn, config, kwargs.get("prefix", ""))
+        return attn
 
     attention_factory._mla_plugin_original = original
     module.DeepseekV2MLAAttention = attention_factory

@@ -123,13 +123,19 @@ def validate_request(vllm_config, name: str) -> None:
 
 
 def declared_layout_backend(vllm_config) -> str | None:
-    """A checkpoint converted to the sharded-latent layout asks for MLA_PLUGIN_GLA itself."""
+    """A converted checkpoint asks for its backend itself: MLA_PLUGIN_GLA for the
+    sharded-latent layout, MLA_PLUGIN for one converted from GQA (any latent width;
+    vLLM's own CPU backend takes only 512 + 64)."""
+    from mla_plugin.checkpoint_format import format_of
     from mla_plugin.gla_options import CONFIG_KEY
 
     model_config = getattr(vllm_config, "model_config", None)
-    options = getattr(getattr(model_config, "hf_config", None), CONFIG_KEY, None)
+    hf_config = getattr(model_config, "hf_config", None)
+    options = getattr(hf_config, CONFIG_KEY, None)
     if isinstance(options, dict) and options.get("layout") == "sharded_latent":
         return GLA
+    if isinstance(options, dict) and not format_of(hf_config).is_stock:
+        return "MLA_PLUGIN"
     return None
 
 
@@ -164,7 +170,7 @@ def _install_platform_hooks() -> None:
         if declared is not None and name is None and vllm_config.attention_config.backend is None:
             vllm_config.attention_config.backend = backend_member(declared)
             name = declared
-            logger.info("mla_plugin: the checkpoint declares the sharded-latent layout; using %s", name)
+            logger.info("mla_plugin: the checkpoint declares its layout; using %s", name)
         if name is None:
             return original_check(cls, vllm_config)
         validate_request(vllm_config, name)

@@ -104,7 +104,9 @@ def _hf_model(path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    config = json.loads((Path(path) / "config.json").read_text())
+    remote = "auto_map" in config  # checkpoints from `mla-plugin convert gqa-to-mla`
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=remote).eval()
 
 
 def hf_logprobs(model_path: str, ids: list[int]):
