@@ -3,6 +3,7 @@
     mla-plugin demo                 serve a bundled tiny DeepSeek-V2 through the plugin
     mla-plugin ppl MODEL            wikitext-2 perplexity (vLLM or transformers engine)
     mla-plugin convert mla-to-gla SRC DST --shards G   DeepSeek-V2 -> sharded-latent layout
+    mla-plugin convert gqa-to-mla SRC DST --kv-lora-rank R --rope-dim r   Llama/Qwen2/Mistral -> MLA
     mla-plugin make-tiny-model DIR  write a tiny random DeepSeek-V2 checkpoint
 """
 
@@ -123,7 +124,25 @@ def _cmd_convert_mla_to_gla(args) -> int:
     logit_scale = args.logit_scale if args.logit_scale == "auto" else float(args.logit_scale)
     try:
         report = convert_mla_to_gla(args.src, args.dst, shards=args.shards, softmax=args.softmax,
-                                    rmsnorm=args.rmsnorm, basis=args.basis, logit_scale=logit_scale)
+                                    rmsnorm=args.rmsnorm, basis=args.basis, logit_scale=logit_scale,
+                                    calib_text=args.calib_text, calibrate=args.calibrate,
+                                    calib_tokens=args.calib_tokens, calib_window=args.calib_window)
+    except ConversionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+def _cmd_convert_gqa_to_mla(args) -> int:
+    from mla_plugin.convert.gqa_to_mla import convert_gqa_to_mla
+    from mla_plugin.convert.mla_to_gla import ConversionError
+
+    try:
+        report = convert_gqa_to_mla(args.src, args.dst, kv_lora_rank=args.kv_lora_rank, rope_dim=args.rope_dim,
+                                    freqfold=args.freqfold, calib_text=args.calib_text,
+                                    calib_tokens=args.calib_tokens, calib_window=args.calib_window,
+                                    balance=not args.no_balance, dtype=args.dtype)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -175,9 +194,43 @@ def build_parser() -> argparse.ArgumentParser:
     to_gla.add_argument("--shards", type=int, required=True, help="g, the number of latent slices")
     to_gla.add_argument("--softmax", choices=["exact", "partitioned", "grouped"], default="partitioned")
     to_gla.add_argument("--rmsnorm", choices=["global", "local"], default="global")
-    to_gla.add_argument("--basis", choices=["identity", "hadamard", "pca"], default="hadamard")
-    to_gla.add_argument("--logit-scale", default="auto", help="number, or auto (g for partitioned)")
+    to_gla.add_argument("--basis", choices=["identity", "hadamard", "pca", "pca-act"], default="hadamard",
+                        help="orthogonal basis the latent is rotated into before slicing: pca = PCA of the "
+                             "up-projection weights, pca-act = PCA of the latent on --calib-text (default hadamard)")
+    to_gla.add_argument("--logit-scale", default="auto",
+                        help="number, or auto (g for partitioned); the starting point when calibrating")
+    to_gla.add_argument("--calib-text", help="calibration text file for pca-act and --calibrate (train or "
+                                             "validation text, never the test split)")
+    to_gla.add_argument("--calibrate", choices=["none", "logit", "logit+output"], default="none",
+                        help="fit a logit scale per (layer, head, slice) (logit), and an output scale too "
+                             "(logit+output), to match the exact attention output on --calib-text; folded into "
+                             "the weights. Loads the model once with transformers (whole model in memory)")
+    to_gla.add_argument("--calib-tokens", type=int, default=16384,
+                        help="calibration tokens used at most (default 16384)")
+    to_gla.add_argument("--calib-window", type=int, default=256, help="tokens per calibration window (default 256)")
     to_gla.set_defaults(func=_cmd_convert_mla_to_gla)
+
+    to_mla = convert.add_parser(
+        "gqa-to-mla", help="Llama/Mistral/Qwen2 (GQA or MHA) -> DeepSeek-V2-style MLA (TransMLA-style)",
+        description="RoRoPE (+ FreqFold) keeps RoPE on --rope-dim key dims shared by all heads; BKV-PCA "
+                    "compresses the other key dims and the values into a --kv-lora-rank latent. The output "
+                    "has no latent RMSNorm; vLLM with the plugin serves it with no flags, transformers "
+                    "loads it with trust_remote_code=True. Exact form: --rope-dim = kv_heads x head_dim "
+                    "and --kv-lora-rank = kv_heads x head_dim (no calibration needed).")
+    to_mla.add_argument("src")
+    to_mla.add_argument("dst", help="new or empty folder")
+    to_mla.add_argument("--kv-lora-rank", type=int, required=True, help="latent width R (d_c)")
+    to_mla.add_argument("--rope-dim", type=int, required=True,
+                        help="rope key dims r (qk_rope_head_dim): a multiple of head_dim / freqfold")
+    to_mla.add_argument("--freqfold", type=int, default=1, help="neighbouring rope frequencies folded together")
+    to_mla.add_argument("--calib-text", help="calibration text file (train or validation text, never the "
+                                             "test split); needed unless the settings are exact")
+    to_mla.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (default 32768)")
+    to_mla.add_argument("--calib-window", type=int, default=256, help="tokens per calibration window")
+    to_mla.add_argument("--no-balance", action="store_true", help="skip the K/V norm balance before the PCA")
+    to_mla.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the written weights (default: the source's)")
+    to_mla.set_defaults(func=_cmd_convert_gqa_to_mla)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random DeepSeek-V2 checkpoint")
     tiny.add_argument("dst")

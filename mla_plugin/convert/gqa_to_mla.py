@@ -153,7 +153,6 @@ def convert_gqa_to_mla(src, dst, *, kv_lora_rank: int, rope_dim: int, freqfold: 
                        balance: bool = True, dtype: str | None = None,
                        show_progress: bool = True) -> GQAConversionReport:
     """Rewrite a Llama/Mistral/Qwen2 checkpoint ``src`` as an MLA checkpoint in ``dst``."""
-    from safetensors import safe_open
 
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").exists():

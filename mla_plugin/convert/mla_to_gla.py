@@ -4,13 +4,19 @@ Per layer (DESIGN.md section 1): the latent RMSNorm weight γ is folded into the
 up-projections, the latent is rotated into the chosen orthogonal basis R
 (W_DKV <- Rᵀ W_DKV on the latent rows of kv_a_proj_with_mqa; W_UK,h, W_UV,h <- · diag(γ) R),
 and, for the approximate softmax modes, each slice's partial-logit scale is folded into
-W_UK. config.json then declares ``"mla_plugin": {"layout": "sharded_latent", ...}`` so
+W_UK. With calibration text (``calib_text``; train or validation text, never the test
+split) the basis may be the activation PCA (``pca-act``), and the logit scale λ (and an
+output scale μ) may be fitted per (layer, head, slice) and folded into W_UK (and W_UV);
+see shard_calibration.py. config.json then declares ``"mla_plugin": {"layout": "sharded_latent", ...}`` so
 vLLM with the plugin serves it with no flags. Under exact softmax and global RMSNorm
 the result is still an ordinary DeepSeek-V2 checkpoint computing the same function
 (transformers loads it too).
 
 Streaming: tensors are read and written one at a time; only the attention latent
-weights of all layers (small) are held while the rest is copied.
+weights of all layers (small) are held while the rest is copied. Calibration (``pca-act``
+or ``calibrate`` other than "none") first runs the source model once with transformers
+in float32, which needs the whole model in memory, and keeps per layer the latent and
+rope key of every calibration token and the queries at a sample of positions.
 """
 
 import json
@@ -21,12 +27,26 @@ from pathlib import Path
 
 import torch
 
-from mla_plugin.convert.safetensors_stream import StreamingWriter, tensor_entries
+from mla_plugin.convert.safetensors_stream import StreamingWriter, read_tensor, tensor_entries
+from mla_plugin.convert.shard_calibration import (
+    CALIBRATE_MODES,
+    DEFAULT_CALIB_TOKENS,
+    DEFAULT_CALIB_WINDOW,
+    Capture,
+    activation_pca_basis,
+    active_slices,
+    calibrate_layer,
+    capture_activations,
+    fold_shard_scales,
+    latent_second_moment,
+)
 from mla_plugin.gla_options import CONFIG_KEY, ResolvedSharding, ShardedLatentOptions
-from mla_plugin.ops.latent_basis import fold_latent_weights
+from mla_plugin.ops.latent_basis import fold_gamma_and_rotate, fold_latent_weights
 
-CONVERTER_BASES = ("identity", "hadamard", "pca")
-_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.(kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj)\.weight$")
+CONVERTER_BASES = ("identity", "hadamard", "pca", "pca-act")
+CALIB_TEXT_NEEDED = "needs calibration text: --calib-text FILE (train or validation text, never the test split)"
+_LAYER_KEY = re.compile(
+    r"model\.layers\.(\d+)\.self_attn\.(kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj|o_proj)\.weight$")
 
 
 class ConversionError(ValueError):
@@ -84,9 +104,19 @@ def _check_inputs(src: Path, dst: Path, config: dict, options: ShardedLatentOpti
                            num_heads=config["num_attention_heads"])
 
 
-def _layer_transforms(files, config, scale, basis, progress) -> dict[str, torch.Tensor]:
+@dataclass
+class _Calibration:
+    capture: Capture
+    mode: str  # "none", "logit", "logit+output"
+    softmax: str
+    rmsnorm: str
+    objective: str = "head"  # "head" (per-head output error) or "o_proj" (the layer's error after o_proj)
+    fits: dict = field(default_factory=dict)  # layer -> ShardScaleFit
+
+
+def _layer_transforms(files, config, scale, basis, progress, shards: int,
+                      calibration: _Calibration | None = None) -> dict[str, torch.Tensor]:
     """New kv_a_proj_with_mqa, kv_a_layernorm and kv_b_proj weights for every layer."""
-    from safetensors import safe_open
 
     d_c, heads = config["kv_lora_rank"], config["num_attention_heads"]
     nope, v = config["qk_nope_head_dim"], config["v_head_dim"]
@@ -99,7 +129,8 @@ def _layer_transforms(files, config, scale, basis, progress) -> dict[str, torch.
     if not found:
         raise ConversionError("no MLA attention weights (kv_a_proj_with_mqa, kv_b_proj) found")
     replaced = {}
-    for layer in progress(sorted(found), desc="fold and rotate"):
+    fitting = calibration is not None and calibration.mode != "none"
+    for layer in progress(sorted(found), desc="fold, rotate, calibrate" if fitting else "fold and rotate"):
         parts = found[layer]
         missing = {"kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj"} - set(parts)
         if missing:
@@ -107,12 +138,33 @@ def _layer_transforms(files, config, scale, basis, progress) -> dict[str, torch.
 
         def load(kind):
             path, _ = parts[kind]
-            with safe_open(str(path), "pt") as f:
-                return f.get_tensor(f"model.layers.{layer}.self_attn.{kind}.weight").to(torch.float64)
+            return read_tensor(path, f"model.layers.{layer}.self_attn.{kind}.weight").to(torch.float64)
 
         kv_a, gamma, kv_b = load("kv_a_proj_with_mqa"), load("kv_a_layernorm"), load("kv_b_proj")
-        _, w_dkv, w_uk, w_uv = fold_latent_weights(kv_b, gamma, num_heads=heads, nope_dim=nope, v_dim=v,
-                                                   basis=basis, logit_scale=scale, w_dkv=kv_a[:d_c])
+        captured = None
+        if calibration is not None:
+            captured = calibration.capture.layers.get(layer)
+            if captured is None:
+                raise ConversionError(f"layer {layer}: no calibration activations captured")
+        if basis == "pca-act":
+            rotation = activation_pca_basis(latent_second_moment(captured.latent, captured.eps))
+            per_head = kv_b.reshape(heads, nope + v, d_c)
+            w_dkv, w_uk, w_uv = fold_gamma_and_rotate(kv_a[:d_c], gamma, per_head[:, :nope], per_head[:, nope:],
+                                                      rotation)
+        else:
+            rotation, w_dkv, w_uk, w_uv = fold_latent_weights(kv_b, gamma, num_heads=heads, nope_dim=nope,
+                                                              v_dim=v, basis=basis, w_dkv=kv_a[:d_c])
+        if fitting:
+            out_proj = load("o_proj") if calibration.objective == "o_proj" and "o_proj" in parts else None
+            fit = calibrate_layer(captured, calibration.capture.positions, w_uk, w_uv, rotation,
+                                  num_shards=shards, softmax_mode=calibration.softmax,
+                                  rmsnorm=calibration.rmsnorm, init_logit_scale=scale,
+                                  fit_output=calibration.mode == "logit+output", out_proj=out_proj)
+            calibration.fits[layer] = fit
+            w_uk, w_uv = fold_shard_scales(w_uk, w_uv, fit.logit_scale.to(torch.float64),
+                                           fit.output_scale.to(torch.float64))
+        else:
+            w_uk = w_uk * scale
         prefix = f"model.layers.{layer}.self_attn."
         replaced[prefix + "kv_a_proj_with_mqa.weight"] = (torch.cat([w_dkv, kv_a[d_c:]]), parts["kv_a_proj_with_mqa"][1])
         replaced[prefix + "kv_a_layernorm.weight"] = (torch.ones(d_c, dtype=torch.float64), parts["kv_a_layernorm"][1])
@@ -121,10 +173,70 @@ def _layer_transforms(files, config, scale, basis, progress) -> dict[str, torch.
     return {name: tensor.to(dtype) for name, (tensor, dtype) in replaced.items()}
 
 
+def _check_calibration(basis: str, softmax: str, calib_text, calibrate: str, calib_tokens: int,
+                       calib_window: int) -> Path | None:
+    if calibrate not in CALIBRATE_MODES:
+        raise ConversionError(f"calibrate must be one of {list(CALIBRATE_MODES)}, got {calibrate!r}")
+    needs_text = basis == "pca-act" or calibrate != "none"
+    if calibrate != "none" and softmax == "exact":
+        raise ConversionError(f"calibrate={calibrate!r} with softmax 'exact': nothing to calibrate (exact equals "
+                              "MLA; slice scales apply to the partitioned and grouped softmax)")
+    if not needs_text:
+        return None
+    what = "basis 'pca-act'" if basis == "pca-act" else f"calibrate={calibrate!r}"
+    if calib_text is None:
+        raise ConversionError(f"{what} {CALIB_TEXT_NEEDED}")
+    path = Path(calib_text)
+    if not path.is_file():
+        raise ConversionError(f"calibration text {path} not found (--calib-text: a train or validation text "
+                              "file, never the test split)")
+    if not isinstance(calib_window, int) or calib_window < 2:
+        raise ConversionError(f"calib_window must be an integer >= 2, got {calib_window!r}")
+    if not isinstance(calib_tokens, int) or calib_tokens < calib_window:
+        raise ConversionError(f"calib_tokens ({calib_tokens!r}) must be at least one window ({calib_window})")
+    return path
+
+
+def _calibration_summary(calibration: _Calibration) -> tuple[dict, list[str]]:
+    """converted_with entries and report lines for what calibration did."""
+    capture = calibration.capture
+    record = {"calibrate": calibration.mode, "calib_text": capture.text_name, "calib_tokens": capture.tokens,
+              "calib_window": capture.window}
+    lines = [f"calibration: {capture.windows} windows x {capture.window} tokens of {capture.text_name} "
+             f"({capture.tokens} tokens)"]
+    if not calibration.fits:
+        return record, lines
+    fits = [calibration.fits[k] for k in sorted(calibration.fits)]
+    active = fits[0].logit_scale.new_ones(fits[0].logit_scale.shape, dtype=torch.bool)
+    if calibration.softmax == "grouped":
+        active = active_slices(active.shape[0], active.shape[1], "grouped")
+    lam = torch.stack([f.logit_scale[active] for f in fits]).double()
+    mu = torch.stack([f.output_scale[active] for f in fits]).double()
+    before = torch.stack([f.error_before for f in fits]).double().mean().item()
+    after = torch.stack([f.error_after for f in fits]).double().mean().item()
+    record.update(mean_logit_scale=round(lam.mean().item(), 4),
+                  attention_output_error_before=round(before, 6), attention_output_error_after=round(after, 6))
+    line = (f"calibrated logit scales λ per (layer, head, slice): mean {lam.mean():.3f}, "
+            f"range {lam.min():.3f}..{lam.max():.3f}")
+    if calibration.mode == "logit+output":
+        record["mean_output_scale"] = round(mu.mean().item(), 4)
+        line += f"; output scales μ: mean {mu.mean():.3f}, range {mu.min():.3f}..{mu.max():.3f}"
+    lines.append(line + f"; relative head-output error {100 * before:.3f}% -> {100 * after:.3f}% "
+                        "(mean over layers and heads, calibration text)")
+    return record, lines
+
+
 def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = "partitioned", rmsnorm: str = "global",
-                       basis: str = "identity", logit_scale="auto", show_progress: bool = True) -> ConversionReport:
-    """Rewrite checkpoint ``src`` into ``dst`` for the sharded-latent layout with g = ``shards``."""
-    from safetensors import safe_open
+                       basis: str = "identity", logit_scale="auto", calib_text=None, calibrate: str = "none",
+                       calib_tokens: int = DEFAULT_CALIB_TOKENS, calib_window: int = DEFAULT_CALIB_WINDOW,
+                       show_progress: bool = True) -> ConversionReport:
+    """Rewrite checkpoint ``src`` into ``dst`` for the sharded-latent layout with g = ``shards``.
+
+    ``basis="pca-act"`` and ``calibrate`` ("logit": fit λ per (layer, head, slice);
+    "logit+output": λ and μ) need ``calib_text``, of which at most ``calib_tokens`` tokens
+    are used in windows of ``calib_window``; they load the source model once with
+    transformers (float32, whole model in memory).
+    """
 
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").exists():
@@ -132,6 +244,7 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = "partitioned", r
     config = json.loads((src / "config.json").read_text())
     if basis not in CONVERTER_BASES:
         raise ConversionError(f"basis must be one of {list(CONVERTER_BASES)}, got {basis!r}")
+    calib_path = _check_calibration(basis, softmax, calib_text, calibrate, calib_tokens, calib_window)
     try:
         runtime = ShardedLatentOptions.from_config(dict(
             shards=shards, softmax=softmax, rmsnorm=rmsnorm, basis="identity",
@@ -148,32 +261,45 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = "partitioned", r
         return tqdm(items, desc=desc)
 
     files = _safetensors_files(src)
-    replaced = _layer_transforms(files, config, resolved.logit_scale, basis, progress)
+    calibration = None
+    if calib_path is not None:
+        try:
+            capture = capture_activations(src, calib_path, tokens=calib_tokens, window=calib_window,
+                                          need_queries=calibrate != "none", show_progress=show_progress)
+        except ValueError as err:
+            raise ConversionError(str(err)) from None
+        calibration = _Calibration(capture=capture, mode=calibrate, softmax=softmax, rmsnorm=rmsnorm)
+    replaced = _layer_transforms(files, config, resolved.logit_scale, basis, progress, resolved.shards,
+                                 calibration)
+    if calibration is not None:
+        calibration.capture.layers = {}  # the activations are no longer needed
+        calib_record, notes = _calibration_summary(calibration)
+    else:
+        calib_record, notes = {"calibrate": "none"}, []
     dst.mkdir(parents=True, exist_ok=True)
     copied = 0
     for path in progress(files, desc="write"):
         entries = tensor_entries(path)
         writer = StreamingWriter(dst / path.name, [(n, d, s) for n, (d, s) in entries.items()],
                                  metadata={"format": "pt"})
-        with safe_open(str(path), "pt") as f:
-            for name in entries:
-                if name in replaced:
-                    writer.write(name, replaced[name])
-                else:
-                    writer.write(name, f.get_tensor(name))
-                    copied += 1
+        for name in entries:
+            if name in replaced:
+                writer.write(name, replaced[name])
+            else:
+                writer.write(name, read_tensor(path, name))
+                copied += 1
         writer.close()
     for other in src.iterdir():
         if other.is_file() and other.suffix != ".safetensors" and other.name != "config.json":
             shutil.copy2(other, dst / other.name)
     # The scale is folded into W_UK, so the runtime multiplies by 1.
     config[CONFIG_KEY] = dict(runtime.to_dict(), logit_scale=1.0,
-                              converted_with={"basis": basis, "logit_scale": resolved.logit_scale})
+                              converted_with={"basis": basis, "logit_scale": resolved.logit_scale, **calib_record})
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     d_c, d_r = config["kv_lora_rank"], config["qk_rope_head_dim"]
     return ConversionReport(
         layers=len(replaced) // 3, shards=resolved.shards, options=config[CONFIG_KEY],
         kv_values_per_token_per_layer_before=d_c + d_r,
         kv_values_per_token_per_layer_per_rank_after=d_c // resolved.shards + d_r,
-        changed_tensors=len(replaced), copied_tensors=copied,
+        changed_tensors=len(replaced), copied_tensors=copied, notes=notes,
     )

@@ -1,0 +1,454 @@
+"""Calibration for mla-to-gla: activation PCA and per-(head, slice) scales.
+
+Two things a converter can learn from calibration text (train or validation text,
+never the test split) about how the latent should be sliced (DESIGN.md section 1):
+
+- ``pca-act``: the basis R whose columns are the eigenvectors, by descending
+  eigenvalue, of the second moment ``E[ĉ ĉᵀ]`` of the weightless normalised latent
+  ``ĉ = c / rms(c)`` (the tensor that is cached and sliced once γ is folded into the
+  up-projections). Energy concentrates in the leading slices.
+- calibrated scales: under the approximate softmax modes slice r of head h computes
+  ``softmax_t(τ(λ_{h,r} q̃_h^(r)·ĉ_t^(r) + q^R_h·k^R_t))`` and its output is multiplied
+  by ``μ_{h,r}``:
+
+      ô_h = Σ_r μ_{h,r} W_UV,h^(r) Σ_t p^(r)_{h,t} ĉ_t^(r)
+
+  λ (initialised at the uncalibrated scale, g for partitioned) and optionally μ
+  (initialised at 1) are fitted to minimise, per head, the relative squared error of ô_h
+  against the exact (full-softmax, global-RMSNorm) head output ``W_UV,h Σ_t p_{h,t} ĉ_t``
+  on the captured activations. Both fold into the weights (λ into the columns of W_UK,h
+  for slice r, μ into those of W_UV,h), so serving costs nothing extra.
+
+The fitting math (``build_fit_problem``, ``sliced_head_outputs``, ``fit_shard_scales``,
+``fold_shard_scales``, ``activation_pca_basis``) is plain torch on tensors and works in
+any float dtype. ``capture_activations`` runs the source checkpoint once with
+transformers' ``DeepseekV2ForCausalLM`` in float32, so it needs the whole model in
+memory; the converter's tensor copy stays streaming.
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mla_plugin.ops.latent_basis import _fix_column_signs
+from mla_plugin.ops.sharded_latent import latent_rmsnorm
+
+CALIBRATE_MODES = ("none", "logit", "logit+output")
+DEFAULT_CALIB_TOKENS = 16384
+DEFAULT_CALIB_WINDOW = 256
+DEFAULT_QUERIES_PER_WINDOW = 64  # query rows kept per window for the fit (keys: all)
+DEFAULT_FIT_STEPS = 60
+DEFAULT_FIT_LR = 0.1
+
+_CAPTURE_ATTENTION = "mla_plugin_calibration_capture"
+
+
+# --------------------------------------------------------------------------------------
+# Activation PCA
+
+
+def latent_second_moment(latent: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``Σ_t ĉ_t ĉ_tᵀ`` (float64, [d_c, d_c]) of ``ĉ = c / rms(c)`` over all rows of ``latent`` [..., d_c]."""
+    c = latent.reshape(-1, latent.shape[-1]).to(torch.float64)
+    normed = c * torch.rsqrt(c.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return normed.T @ normed
+
+
+def activation_pca_basis(second_moment: torch.Tensor) -> torch.Tensor:
+    """Orthogonal R [d_c, d_c] (float64): eigenvectors of the second moment, descending, sign-fixed.
+
+    Used like the other bases: the cached latent becomes ``ĉ R`` (rows), so slice 1
+    holds the directions with the most energy.
+    """
+    if second_moment.dim() != 2 or second_moment.shape[0] != second_moment.shape[1]:
+        raise ValueError(f"second moment must be square, got {tuple(second_moment.shape)}")
+    m = second_moment.to(torch.float64)
+    m = 0.5 * (m + m.T)
+    _, vectors = torch.linalg.eigh(m)  # ascending
+    return _fix_column_signs(vectors.flip(-1))
+
+
+# --------------------------------------------------------------------------------------
+# Scales: the objective, the fit, the fold
+
+
+def active_slices(heads: int, num_shards: int, softmax_mode: str, device=None) -> torch.Tensor:
+    """[H, g] bool: which slices each head reads (all for partitioned, its group's for grouped)."""
+    if softmax_mode == "partitioned":
+        return torch.ones(heads, num_shards, dtype=torch.bool, device=device)
+    if softmax_mode == "grouped":
+        if heads % num_shards:
+            raise ValueError(f"grouped softmax needs {heads} heads divisible by {num_shards} shards")
+        group = torch.arange(heads, device=device) // (heads // num_shards)
+        return group.unsqueeze(1) == torch.arange(num_shards, device=device).unsqueeze(0)
+    raise ValueError(f"only partitioned and grouped softmax have slice scales to fit, got {softmax_mode!r}")
+
+
+@dataclass
+class ShardFitProblem:
+    """Everything the objective needs, precomputed once. Sizes: g slices, N windows,
+    H heads, Q query rows per window, T keys per window, d_v value width."""
+
+    partial: torch.Tensor  # [g, N, H, Q, T]  τ q̃_h^(r)·ĉ_t^(r) (runtime-normalised latent), 0 where masked
+    rope: torch.Tensor  # [N, H, Q, T]  τ q^R_h·k^R_t, -inf where masked (causal)
+    values: torch.Tensor  # [g, N, H, T, d_v]  W_UV,h^(r) ĉ_t^(r)
+    target: torch.Tensor  # [N, H, Q, d_v]  exact head outputs
+    active: torch.Tensor  # [H, g] bool
+    out_proj: torch.Tensor | None = None  # [H, d_v, d_model]: measure the error after o_proj (heads coupled)
+
+    @property
+    def num_shards(self) -> int:
+        return self.partial.shape[0]
+
+
+def build_fit_problem(
+    q_latent: torch.Tensor,  # [N, Q, H, d_c]  absorbed queries q̃ (basis applied, no slice scale)
+    q_rope: torch.Tensor,  # [N, Q, H, d_R]  post-RoPE
+    positions: torch.Tensor,  # [N, Q] long   window positions of the query rows
+    latent: torch.Tensor,  # [N, T, d_c]    exact ĉ (global RMSNorm, basis applied)
+    k_rope: torch.Tensor,  # [N, T, d_R]    post-RoPE
+    w_uv: torch.Tensor,  # [H, d_v, d_c]  value up-projection (basis applied)
+    scale: float,
+    *,
+    num_shards: int,
+    softmax_mode: str = "partitioned",
+    runtime_latent: torch.Tensor | None = None,  # [N, T, d_c] what the sharded runtime caches (default: latent)
+    out_proj: torch.Tensor | None = None,  # [d_model, H * d_v] o_proj weight: fit the error after o_proj
+) -> ShardFitProblem:
+    """The fixed tensors of the fit, computed in the inputs' dtype."""
+    n, q_rows, heads, d_c = q_latent.shape
+    t_len = latent.shape[1]
+    if d_c % num_shards:
+        raise ValueError(f"d_c {d_c} is not divisible by {num_shards} shards")
+    d_s = d_c // num_shards
+    active = active_slices(heads, num_shards, softmax_mode, q_latent.device)
+    runtime = latent if runtime_latent is None else runtime_latent
+    allowed = torch.arange(t_len, device=q_latent.device).view(1, 1, t_len) <= positions.unsqueeze(-1)  # [N, Q, T]
+    allowed = allowed.unsqueeze(1)  # [N, 1, Q, T]
+
+    rope = scale * torch.einsum("nqhr,ntr->nhqt", q_rope, k_rope)
+    exact = scale * torch.einsum("nqhc,ntc->nhqt", q_latent, latent) + rope
+    probs = torch.softmax(exact.masked_fill(~allowed, float("-inf")), dim=-1)  # [N, H, Q, T]
+    values_exact = torch.einsum("ntc,hvc->nhtv", latent, w_uv)
+    target = probs @ values_exact  # [N, H, Q, d_v]
+
+    q_sl = q_latent.reshape(n, q_rows, heads, num_shards, d_s)
+    r_sl = runtime.reshape(n, t_len, num_shards, d_s)
+    uv_sl = w_uv.reshape(heads, -1, num_shards, d_s)
+    partial = scale * torch.einsum("nqhgd,ntgd->gnhqt", q_sl, r_sl)
+    partial = partial.masked_fill(~allowed.unsqueeze(0), 0.0)
+    values = torch.einsum("ntgd,hvgd->gnhtv", r_sl, uv_sl)
+    if out_proj is not None:
+        out_proj = out_proj.reshape(out_proj.shape[0], heads, -1).permute(1, 2, 0)  # [H, d_v, d_model]
+    return ShardFitProblem(partial=partial, rope=rope.masked_fill(~allowed, float("-inf")),
+                           values=values, target=target, active=active, out_proj=out_proj)
+
+
+def sliced_head_outputs(problem: ShardFitProblem, logit_scale: torch.Tensor,
+                        output_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """ô_h = Σ_r μ_{h,r} W_UV,h^(r) Σ_t p^(r)_{h,t} ĉ_t^(r) for every query row: [N, H, Q, d_v].
+
+    ``logit_scale`` λ and ``output_scale`` μ are [H, g]; slices a head does not read
+    (grouped) contribute nothing.
+    """
+    lam = logit_scale.to(problem.partial.dtype).T.reshape(problem.num_shards, 1, -1, 1, 1)  # [g, 1, H, 1, 1]
+    weight = problem.active.to(problem.partial.dtype)
+    if output_scale is not None:
+        weight = weight * output_scale.to(problem.partial.dtype)
+    weight = weight.T.reshape(problem.num_shards, 1, -1, 1, 1)
+    probs = torch.softmax(problem.partial * lam + problem.rope.unsqueeze(0), dim=-1)  # [g, N, H, Q, T]
+    return ((probs @ problem.values) * weight).sum(dim=0)
+
+
+def relative_head_errors(problem: ShardFitProblem, logit_scale: torch.Tensor,
+                         output_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Per head ``Σ‖ô_h − o_h‖² / Σ‖o_h‖²`` over all query rows: [H].
+
+    With ``problem.out_proj`` the layer's ``Σ‖Σ_h (ô_h − o_h) W_O,h‖² / Σ‖Σ_h o_h W_O,h‖²``
+    instead, as a [1] tensor (the heads are coupled through o_proj).
+    """
+    diff = sliced_head_outputs(problem, logit_scale, output_scale) - problem.target
+    if problem.out_proj is not None:
+        projected = torch.einsum("nhqv,hvd->nqd", diff, problem.out_proj)
+        reference = torch.einsum("nhqv,hvd->nqd", problem.target, problem.out_proj)
+        return (projected.pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30)).reshape(1)
+    return diff.pow(2).sum(dim=(0, 2, 3)) / problem.target.pow(2).sum(dim=(0, 2, 3)).clamp_min(1e-30)
+
+
+@dataclass
+class ShardScaleFit:
+    logit_scale: torch.Tensor  # [H, g] λ
+    output_scale: torch.Tensor  # [H, g] μ (ones unless fitted)
+    error_before: torch.Tensor  # [H] relative error at the initial scales ([1] after o_proj)
+    error_after: torch.Tensor  # [H] relative error at the fitted scales (<= before, per head) ([1])
+    steps: int = 0
+    history: list[float] = field(default_factory=list)
+
+
+def fit_shard_scales(
+    problem: ShardFitProblem,
+    *,
+    init_logit_scale: float | torch.Tensor,
+    fit_output: bool = False,
+    steps: int = DEFAULT_FIT_STEPS,
+    lr: float = DEFAULT_FIT_LR,
+) -> ShardScaleFit:
+    """Fit λ (and μ with ``fit_output``) by Adam on their logs, full batch, cosine-decayed lr.
+
+    Heads are independent (each has its own scales and error), so the objective is the
+    sum of the per-head relative errors and each head keeps its best scales seen
+    (including the initial ones): ``error_after <= error_before`` head by head. With
+    ``problem.out_proj`` the one layer error is minimised and the best scales kept.
+    """
+    heads, g = problem.active.shape
+    dtype = problem.partial.dtype
+    init = torch.as_tensor(init_logit_scale, dtype=dtype).expand(heads, g).clone()
+    if not bool((init > 0).all()):
+        raise ValueError("initial logit scales must be positive")
+    log_lam = init.log().requires_grad_(True)
+    log_mu = torch.zeros(heads, g, dtype=dtype, requires_grad=fit_output)
+    params = [log_lam] + ([log_mu] if fit_output else [])
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / max(steps, 1))))
+
+    with torch.no_grad():
+        error_before = relative_head_errors(problem, init, None)
+    best_err = error_before.clone()
+    best_lam, best_mu = init.clone(), torch.ones(heads, g, dtype=dtype)
+    history = [float(error_before.mean())]
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        lam, mu = log_lam.exp(), log_mu.exp()
+        err = relative_head_errors(problem, lam, mu)  # [H], at the current (pre-step) params
+        with torch.no_grad():
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lam = torch.where(better.unsqueeze(1), lam, best_lam)
+            best_mu = torch.where(better.unsqueeze(1), mu, best_mu)
+        history.append(float(err.detach().mean()))
+        err.sum().backward()
+        opt.step()
+        sched.step()
+    with torch.no_grad():  # the last step's parameters too
+        lam, mu = log_lam.exp(), log_mu.exp()
+        err = relative_head_errors(problem, lam, mu)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lam = torch.where(better.unsqueeze(1), lam, best_lam)
+        best_mu = torch.where(better.unsqueeze(1), mu, best_mu)
+    return ShardScaleFit(logit_scale=best_lam.detach(), output_scale=best_mu.detach(),
+                         error_before=error_before, error_after=best_err.detach(), steps=steps,
+                         history=history)
+
+
+def fold_shard_scales(
+    w_uk: torch.Tensor,  # [H, d_nope, d_c]
+    w_uv: torch.Tensor,  # [H, d_v, d_c]
+    logit_scale: torch.Tensor,  # [H, g]
+    output_scale: torch.Tensor | None = None,  # [H, g]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W_UK,h^(r) λ_{h,r}, W_UV,h^(r) μ_{h,r})``: the scales folded into the slice columns.
+
+    q̃_h^(r) = W_UK,h^(r)ᵀ q^C_h is then λ times larger (its partial logit too), and the
+    slice's value output μ times larger: the runtime needs logit scale 1.
+    """
+    heads, _, d_c = w_uk.shape
+    g = logit_scale.shape[-1]
+    if logit_scale.shape != (heads, g) or d_c % g or (output_scale is not None and output_scale.shape != (heads, g)):
+        raise ValueError(f"scales {tuple(logit_scale.shape)} do not fit {heads} heads and d_c {d_c}")
+    d_s = d_c // g
+    lam = logit_scale.to(w_uk.dtype).repeat_interleave(d_s, dim=1).unsqueeze(1)  # [H, 1, d_c]
+    new_uk = w_uk * lam
+    if output_scale is None:
+        return new_uk, w_uv
+    mu = output_scale.to(w_uv.dtype).repeat_interleave(d_s, dim=1).unsqueeze(1)
+    return new_uk, w_uv * mu
+
+
+# --------------------------------------------------------------------------------------
+# Capture from the source checkpoint (transformers)
+
+
+@dataclass
+class LayerCapture:
+    latent: torch.Tensor  # [N, T, d_c]  raw c (input of kv_a_layernorm), float32
+    k_rope: torch.Tensor  # [N, T, d_R]  post-RoPE
+    q_nope: torch.Tensor  # [N, Q, H, d_nope]  at ``positions``
+    q_rope: torch.Tensor  # [N, Q, H, d_R]     post-RoPE, at ``positions``
+    scale: float  # τ (softmax scale, yarn mscale included)
+    eps: float  # kv_a_layernorm epsilon
+
+
+@dataclass
+class Capture:
+    layers: dict[int, LayerCapture]
+    positions: torch.Tensor  # [N, Q] long
+    text_name: str
+    windows: int
+    window: int
+
+    @property
+    def tokens(self) -> int:
+        return self.windows * self.window
+
+
+def query_positions(windows: int, window: int, per_window: int | None, seed: int = 0) -> torch.Tensor:
+    """[N, Q] sorted distinct positions per window (all of them when ``per_window`` is None or >= window)."""
+    if per_window is None or per_window >= window:
+        return torch.arange(window).expand(windows, window).clone()
+    gen = torch.Generator().manual_seed(seed)
+    picks = [torch.randperm(window, generator=gen)[:per_window].sort().values for _ in range(windows)]
+    return torch.stack(picks)
+
+
+def _register_capture_attention() -> None:
+    """Eager attention that also hands q and k to the module's sink, under its own name.
+
+    The mask function must be registered under the same name: transformers builds no
+    mask at all (bidirectional attention!) for an implementation it has no mask for.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import eager_attention_forward
+
+    def capture_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        if attention_mask is None and query.shape[2] > 1:
+            raise RuntimeError("calibration capture got no causal mask from transformers")
+        sink = getattr(module, "_mla_plugin_capture", None)
+        if sink is not None:
+            sink(module, query, key, scaling)
+        return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                       dropout=dropout, **kwargs)
+
+    AttentionInterface.register(_CAPTURE_ATTENTION, capture_attention)
+    AttentionMaskInterface.register(_CAPTURE_ATTENTION, eager_mask)
+
+
+def capture_activations(
+    model_path,
+    text_path,
+    *,
+    tokens: int = DEFAULT_CALIB_TOKENS,
+    window: int = DEFAULT_CALIB_WINDOW,
+    queries_per_window: int | None = DEFAULT_QUERIES_PER_WINDOW,
+    need_queries: bool = True,
+    batch: int = 8,
+    show_progress: bool = True,
+) -> Capture:
+    """Run the source DeepSeek-V2 checkpoint (transformers, float32) over calibration text.
+
+    The text is tokenized once with BOS at the start and cut into non-overlapping
+    windows of ``window`` tokens, at most ``tokens // window`` of them. Per layer it keeps
+    the raw latent c and the rope key of every token, and (``need_queries``) the nope
+    query and rope query at ``queries_per_window`` random positions of each window.
+    Loads the whole model into memory (float32).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mla_plugin.eval.perplexity import make_windows, tokenize_once
+
+    text_path = Path(text_path)
+    text = text_path.read_text(encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    ids = tokenize_once(tokenizer, text)
+    max_windows = max(1, tokens // window)
+    try:
+        windows = make_windows(ids, window, max_windows)
+    except ValueError as err:
+        raise ValueError(f"calibration text {text_path.name}: {err}") from None
+    positions = query_positions(len(windows), window, queries_per_window)
+
+    _register_capture_attention()
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32,
+                                                 attn_implementation=_CAPTURE_ATTENTION).eval()
+    cfg = model.config
+    nope = cfg.qk_nope_head_dim
+    store: dict[int, dict[str, list[torch.Tensor]]] = {}
+    current = {"positions": None}
+    handles = []
+    attn_modules = {}
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        idx = attn.layer_idx
+        attn_modules[idx] = attn
+        store[idx] = {"latent": [], "k_rope": [], "q_nope": [], "q_rope": []}
+
+        def latent_hook(module, args, idx=idx):
+            store[idx]["latent"].append(args[0].detach().float().clone())
+
+        def sink(module, query, key, scaling, idx=idx):
+            # query [B, H, T, nope + R] (rope applied), key [B, H, T, nope + R]; k^R shared by heads
+            store[idx]["k_rope"].append(key[:, 0, :, nope:].detach().float().clone())
+            module._mla_plugin_scale = float(scaling)
+            if need_queries:
+                pos = current["positions"]  # [B, Q]
+                q = query.detach().float().transpose(1, 2)  # [B, T, H, D]
+                picked = torch.stack([q[b, pos[b]] for b in range(q.shape[0])])  # [B, Q, H, D]
+                store[idx]["q_nope"].append(picked[..., :nope].clone())
+                store[idx]["q_rope"].append(picked[..., nope:].clone())
+
+        handles.append(attn.kv_a_layernorm.register_forward_pre_hook(latent_hook))
+        attn._mla_plugin_capture = sink
+
+    starts = range(0, len(windows), batch)
+    if show_progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=f"calibration forward ({len(windows)} x {window} tokens)", unit="batch")
+    try:
+        with torch.no_grad():
+            for start in starts:
+                chunk = windows[start : start + batch]
+                current["positions"] = positions[start : start + len(chunk)]
+                model(torch.tensor(chunk), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        for attn in attn_modules.values():
+            attn._mla_plugin_capture = None
+
+    layers = {}
+    for idx, parts in store.items():
+        attn = attn_modules[idx]
+        layers[idx] = LayerCapture(
+            latent=torch.cat(parts["latent"]),
+            k_rope=torch.cat(parts["k_rope"]),
+            q_nope=torch.cat(parts["q_nope"]) if need_queries else torch.empty(0),
+            q_rope=torch.cat(parts["q_rope"]) if need_queries else torch.empty(0),
+            scale=attn._mla_plugin_scale,
+            eps=float(attn.kv_a_layernorm.variance_epsilon),
+        )
+    del model
+    return Capture(layers=layers, positions=positions, text_name=text_path.name, windows=len(windows),
+                   window=window)
+
+
+def calibrate_layer(
+    capture: LayerCapture,
+    positions: torch.Tensor,  # [N, Q]
+    w_uk: torch.Tensor,  # [H, d_nope, d_c]  γ and the basis folded in, no slice scale
+    w_uv: torch.Tensor,  # [H, d_v, d_c]
+    rotation: torch.Tensor,  # [d_c, d_c]  the basis R (the cache holds ĉ R)
+    *,
+    num_shards: int,
+    softmax_mode: str,
+    rmsnorm: str,
+    init_logit_scale: float,
+    fit_output: bool,
+    steps: int = DEFAULT_FIT_STEPS,
+    lr: float = DEFAULT_FIT_LR,
+    out_proj: torch.Tensor | None = None,  # [d_model, H * d_v]: fit the error after o_proj
+) -> ShardScaleFit:
+    """Fit one layer's slice scales on its captured activations (float32)."""
+    f32 = torch.float32
+    rot = rotation.to(f32)
+    c = capture.latent.to(f32) @ rot  # [N, T, d_c]: rotated raw latent (rms unchanged)
+    exact = latent_rmsnorm(c, 1, "global", capture.eps)
+    runtime = latent_rmsnorm(c, num_shards, rmsnorm, capture.eps)
+    q_latent = torch.einsum("nqhd,hdc->nqhc", capture.q_nope.to(f32), w_uk.to(f32))
+    problem = build_fit_problem(q_latent, capture.q_rope.to(f32), positions, exact, capture.k_rope.to(f32),
+                                w_uv.to(f32), capture.scale, num_shards=num_shards, softmax_mode=softmax_mode,
+                                runtime_latent=runtime, out_proj=None if out_proj is None else out_proj.to(f32))
+    return fit_shard_scales(problem, init_logit_scale=init_logit_scale, fit_output=fit_output, steps=steps, lr=lr)
