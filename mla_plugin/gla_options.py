@@ -22,7 +22,8 @@ Given with ``--hf-overrides '{"mla_plugin": {...}}'`` (or written into config.js
                  basis and scales are applied at load time. "sharded_latent": a converted
                  checkpoint that already has them folded in (basis must be "identity").
     converted_with  written by `mla-plugin convert mla-to-gla` (the basis and scale it
-                 folded in); informational.
+                 folded in, and any calibration: text, tokens, fitted mean scales);
+                 informational.
 
 The same entry may also carry checkpoint-format keys (checkpoint_format.py), validated there.
 """

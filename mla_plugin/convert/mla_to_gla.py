@@ -45,8 +45,7 @@ from mla_plugin.ops.latent_basis import fold_gamma_and_rotate, fold_latent_weigh
 
 CONVERTER_BASES = ("identity", "hadamard", "pca", "pca-act")
 CALIB_TEXT_NEEDED = "needs calibration text: --calib-text FILE (train or validation text, never the test split)"
-_LAYER_KEY = re.compile(
-    r"model\.layers\.(\d+)\.self_attn\.(kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj|o_proj)\.weight$")
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.(kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj)\.weight$")
 
 
 class ConversionError(ValueError):
@@ -110,7 +109,6 @@ class _Calibration:
     mode: str  # "none", "logit", "logit+output"
     softmax: str
     rmsnorm: str
-    objective: str = "head"  # "head" (per-head output error) or "o_proj" (the layer's error after o_proj)
     fits: dict = field(default_factory=dict)  # layer -> ShardScaleFit
 
 
@@ -155,11 +153,10 @@ def _layer_transforms(files, config, scale, basis, progress, shards: int,
             rotation, w_dkv, w_uk, w_uv = fold_latent_weights(kv_b, gamma, num_heads=heads, nope_dim=nope,
                                                               v_dim=v, basis=basis, w_dkv=kv_a[:d_c])
         if fitting:
-            out_proj = load("o_proj") if calibration.objective == "o_proj" and "o_proj" in parts else None
             fit = calibrate_layer(captured, calibration.capture.positions, w_uk, w_uv, rotation,
                                   num_shards=shards, softmax_mode=calibration.softmax,
                                   rmsnorm=calibration.rmsnorm, init_logit_scale=scale,
-                                  fit_output=calibration.mode == "logit+output", out_proj=out_proj)
+                                  fit_output=calibration.mode == "logit+output")
             calibration.fits[layer] = fit
             w_uk, w_uv = fold_shard_scales(w_uk, w_uv, fit.logit_scale.to(torch.float64),
                                            fit.output_scale.to(torch.float64))

@@ -89,14 +89,14 @@ def active_slices(heads: int, num_shards: int, softmax_mode: str, device=None) -
 @dataclass
 class ShardFitProblem:
     """Everything the objective needs, precomputed once. Sizes: g slices, N windows,
-    H heads, Q query rows per window, T keys per window, d_v value width."""
+    H heads, Q query rows per window, T keys per window, d_s = d_c / g, d_v value width."""
 
     partial: torch.Tensor  # [g, N, H, Q, T]  τ q̃_h^(r)·ĉ_t^(r) (runtime-normalised latent), 0 where masked
     rope: torch.Tensor  # [N, H, Q, T]  τ q^R_h·k^R_t, -inf where masked (causal)
-    values: torch.Tensor  # [g, N, H, T, d_v]  W_UV,h^(r) ĉ_t^(r)
+    latent: torch.Tensor  # [g, N, 1, T, d_s]  the runtime's latent slices ĉ^(r)
+    w_uv: torch.Tensor  # [g, H, d_v, d_s]  W_UV,h^(r)
     target: torch.Tensor  # [N, H, Q, d_v]  exact head outputs
     active: torch.Tensor  # [H, g] bool
-    out_proj: torch.Tensor | None = None  # [H, d_v, d_model]: measure the error after o_proj (heads coupled)
 
     @property
     def num_shards(self) -> int:
@@ -115,7 +115,6 @@ def build_fit_problem(
     num_shards: int,
     softmax_mode: str = "partitioned",
     runtime_latent: torch.Tensor | None = None,  # [N, T, d_c] what the sharded runtime caches (default: latent)
-    out_proj: torch.Tensor | None = None,  # [d_model, H * d_v] o_proj weight: fit the error after o_proj
 ) -> ShardFitProblem:
     """The fixed tensors of the fit, computed in the inputs' dtype."""
     n, q_rows, heads, d_c = q_latent.shape
@@ -131,19 +130,16 @@ def build_fit_problem(
     rope = scale * torch.einsum("nqhr,ntr->nhqt", q_rope, k_rope)
     exact = scale * torch.einsum("nqhc,ntc->nhqt", q_latent, latent) + rope
     probs = torch.softmax(exact.masked_fill(~allowed, float("-inf")), dim=-1)  # [N, H, Q, T]
-    values_exact = torch.einsum("ntc,hvc->nhtv", latent, w_uv)
-    target = probs @ values_exact  # [N, H, Q, d_v]
+    target = torch.einsum("nhqc,hvc->nhqv", probs @ latent.unsqueeze(1), w_uv)  # [N, H, Q, d_v]
 
     q_sl = q_latent.reshape(n, q_rows, heads, num_shards, d_s)
     r_sl = runtime.reshape(n, t_len, num_shards, d_s)
-    uv_sl = w_uv.reshape(heads, -1, num_shards, d_s)
     partial = scale * torch.einsum("nqhgd,ntgd->gnhqt", q_sl, r_sl)
     partial = partial.masked_fill(~allowed.unsqueeze(0), 0.0)
-    values = torch.einsum("ntgd,hvgd->gnhtv", r_sl, uv_sl)
-    if out_proj is not None:
-        out_proj = out_proj.reshape(out_proj.shape[0], heads, -1).permute(1, 2, 0)  # [H, d_v, d_model]
     return ShardFitProblem(partial=partial, rope=rope.masked_fill(~allowed, float("-inf")),
-                           values=values, target=target, active=active, out_proj=out_proj)
+                           latent=r_sl.permute(2, 0, 1, 3).unsqueeze(2).contiguous(),
+                           w_uv=w_uv.reshape(heads, -1, num_shards, d_s).permute(2, 0, 1, 3).contiguous(),
+                           target=target, active=active)
 
 
 def sliced_head_outputs(problem: ShardFitProblem, logit_scale: torch.Tensor,
@@ -159,21 +155,14 @@ def sliced_head_outputs(problem: ShardFitProblem, logit_scale: torch.Tensor,
         weight = weight * output_scale.to(problem.partial.dtype)
     weight = weight.T.reshape(problem.num_shards, 1, -1, 1, 1)
     probs = torch.softmax(problem.partial * lam + problem.rope.unsqueeze(0), dim=-1)  # [g, N, H, Q, T]
-    return ((probs @ problem.values) * weight).sum(dim=0)
+    mixed = probs @ problem.latent  # [g, N, H, Q, d_s]
+    return (torch.einsum("gnhqs,ghvs->gnhqv", mixed, problem.w_uv) * weight).sum(dim=0)
 
 
 def relative_head_errors(problem: ShardFitProblem, logit_scale: torch.Tensor,
                          output_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Per head ``Σ‖ô_h − o_h‖² / Σ‖o_h‖²`` over all query rows: [H].
-
-    With ``problem.out_proj`` the layer's ``Σ‖Σ_h (ô_h − o_h) W_O,h‖² / Σ‖Σ_h o_h W_O,h‖²``
-    instead, as a [1] tensor (the heads are coupled through o_proj).
-    """
+    """Per head ``Σ‖ô_h − o_h‖² / Σ‖o_h‖²`` over all query rows: [H]."""
     diff = sliced_head_outputs(problem, logit_scale, output_scale) - problem.target
-    if problem.out_proj is not None:
-        projected = torch.einsum("nhqv,hvd->nqd", diff, problem.out_proj)
-        reference = torch.einsum("nhqv,hvd->nqd", problem.target, problem.out_proj)
-        return (projected.pow(2).sum() / reference.pow(2).sum().clamp_min(1e-30)).reshape(1)
     return diff.pow(2).sum(dim=(0, 2, 3)) / problem.target.pow(2).sum(dim=(0, 2, 3)).clamp_min(1e-30)
 
 
@@ -181,8 +170,8 @@ def relative_head_errors(problem: ShardFitProblem, logit_scale: torch.Tensor,
 class ShardScaleFit:
     logit_scale: torch.Tensor  # [H, g] λ
     output_scale: torch.Tensor  # [H, g] μ (ones unless fitted)
-    error_before: torch.Tensor  # [H] relative error at the initial scales ([1] after o_proj)
-    error_after: torch.Tensor  # [H] relative error at the fitted scales (<= before, per head) ([1])
+    error_before: torch.Tensor  # [H] relative error at the initial scales
+    error_after: torch.Tensor  # [H] relative error at the fitted scales (<= before, per head)
     steps: int = 0
     history: list[float] = field(default_factory=list)
 
@@ -199,16 +188,16 @@ def fit_shard_scales(
 
     Heads are independent (each has its own scales and error), so the objective is the
     sum of the per-head relative errors and each head keeps its best scales seen
-    (including the initial ones): ``error_after <= error_before`` head by head. With
-    ``problem.out_proj`` the one layer error is minimised and the best scales kept.
+    (including the initial ones): ``error_after <= error_before`` head by head.
     """
     heads, g = problem.active.shape
     dtype = problem.partial.dtype
-    init = torch.as_tensor(init_logit_scale, dtype=dtype).expand(heads, g).clone()
+    device = problem.partial.device
+    init = torch.as_tensor(init_logit_scale, dtype=dtype, device=device).expand(heads, g).clone()
     if not bool((init > 0).all()):
         raise ValueError("initial logit scales must be positive")
     log_lam = init.log().requires_grad_(True)
-    log_mu = torch.zeros(heads, g, dtype=dtype, requires_grad=fit_output)
+    log_mu = torch.zeros(heads, g, dtype=dtype, device=device, requires_grad=fit_output)
     params = [log_lam] + ([log_mu] if fit_output else [])
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / max(steps, 1))))
@@ -216,7 +205,7 @@ def fit_shard_scales(
     with torch.no_grad():
         error_before = relative_head_errors(problem, init, None)
     best_err = error_before.clone()
-    best_lam, best_mu = init.clone(), torch.ones(heads, g, dtype=dtype)
+    best_lam, best_mu = init.clone(), torch.ones(heads, g, dtype=dtype, device=device)
     history = [float(error_before.mean())]
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -336,6 +325,7 @@ def capture_activations(
     need_queries: bool = True,
     batch: int = 8,
     show_progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> Capture:
     """Run the source DeepSeek-V2 checkpoint (transformers, float32) over calibration text.
 
@@ -343,7 +333,8 @@ def capture_activations(
     windows of ``window`` tokens, at most ``tokens // window`` of them. Per layer it keeps
     the raw latent c and the rope key of every token, and (``need_queries``) the nope
     query and rope query at ``queries_per_window`` random positions of each window.
-    Loads the whole model into memory (float32).
+    Loads the whole model into memory (float32), on ``device`` (default: CUDA when
+    available, else CPU); the captured tensors are kept on the CPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -361,8 +352,9 @@ def capture_activations(
     positions = query_positions(len(windows), window, queries_per_window)
 
     _register_capture_attention()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32,
-                                                 attn_implementation=_CAPTURE_ATTENTION).eval()
+                                                 attn_implementation=_CAPTURE_ATTENTION).to(device).eval()
     cfg = model.config
     nope = cfg.qk_nope_head_dim
     store: dict[int, dict[str, list[torch.Tensor]]] = {}
@@ -376,16 +368,16 @@ def capture_activations(
         store[idx] = {"latent": [], "k_rope": [], "q_nope": [], "q_rope": []}
 
         def latent_hook(module, args, idx=idx):
-            store[idx]["latent"].append(args[0].detach().float().clone())
+            store[idx]["latent"].append(args[0].detach().float().cpu().clone())
 
         def sink(module, query, key, scaling, idx=idx):
             # query [B, H, T, nope + R] (rope applied), key [B, H, T, nope + R]; k^R shared by heads
-            store[idx]["k_rope"].append(key[:, 0, :, nope:].detach().float().clone())
+            store[idx]["k_rope"].append(key[:, 0, :, nope:].detach().float().cpu().clone())
             module._mla_plugin_scale = float(scaling)
             if need_queries:
                 pos = current["positions"]  # [B, Q]
                 q = query.detach().float().transpose(1, 2)  # [B, T, H, D]
-                picked = torch.stack([q[b, pos[b]] for b in range(q.shape[0])])  # [B, Q, H, D]
+                picked = torch.stack([q[b, pos[b].to(q.device)] for b in range(q.shape[0])]).cpu()  # [B, Q, H, D]
                 store[idx]["q_nope"].append(picked[..., :nope].clone())
                 store[idx]["q_rope"].append(picked[..., nope:].clone())
 
@@ -402,7 +394,7 @@ def capture_activations(
             for start in starts:
                 chunk = windows[start : start + batch]
                 current["positions"] = positions[start : start + len(chunk)]
-                model(torch.tensor(chunk), use_cache=False)
+                model(torch.tensor(chunk, device=device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -439,16 +431,25 @@ def calibrate_layer(
     fit_output: bool,
     steps: int = DEFAULT_FIT_STEPS,
     lr: float = DEFAULT_FIT_LR,
-    out_proj: torch.Tensor | None = None,  # [d_model, H * d_v]: fit the error after o_proj
+    device: str | torch.device | None = None,
 ) -> ShardScaleFit:
-    """Fit one layer's slice scales on its captured activations (float32)."""
-    f32 = torch.float32
-    rot = rotation.to(f32)
-    c = capture.latent.to(f32) @ rot  # [N, T, d_c]: rotated raw latent (rms unchanged)
+    """Fit one layer's slice scales on its captured activations (float32).
+
+    Runs on ``device`` (default: CUDA when available, else CPU); returns CPU tensors.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def f32(t):
+        return t.to(device=device, dtype=torch.float32)
+
+    c = f32(capture.latent) @ f32(rotation)  # [N, T, d_c]: rotated raw latent (rms unchanged)
     exact = latent_rmsnorm(c, 1, "global", capture.eps)
     runtime = latent_rmsnorm(c, num_shards, rmsnorm, capture.eps)
-    q_latent = torch.einsum("nqhd,hdc->nqhc", capture.q_nope.to(f32), w_uk.to(f32))
-    problem = build_fit_problem(q_latent, capture.q_rope.to(f32), positions, exact, capture.k_rope.to(f32),
-                                w_uv.to(f32), capture.scale, num_shards=num_shards, softmax_mode=softmax_mode,
-                                runtime_latent=runtime, out_proj=None if out_proj is None else out_proj.to(f32))
-    return fit_shard_scales(problem, init_logit_scale=init_logit_scale, fit_output=fit_output, steps=steps, lr=lr)
+    q_latent = torch.einsum("nqhd,hdc->nqhc", f32(capture.q_nope), f32(w_uk))
+    problem = build_fit_problem(q_latent, f32(capture.q_rope), positions.to(device), exact, f32(capture.k_rope),
+                                f32(w_uv), capture.scale, num_shards=num_shards, softmax_mode=softmax_mode,
+                                runtime_latent=runtime)
+    fit = fit_shard_scales(problem, init_logit_scale=init_logit_scale, fit_output=fit_output, steps=steps, lr=lr)
+    for name in ("logit_scale", "output_scale", "error_before", "error_after"):
+        setattr(fit, name, getattr(fit, name).cpu())
+    return fit

@@ -7,10 +7,14 @@ so the same run gives the perplexity (the protocol of mla_plugin.eval.perplexity
 closeness to MLA token by token (mean |Δ logprob|), which is what the calibration fits.
 
 On this fixture the uncalibrated partitioned softmax (logit scale g) scores slightly
-*below* MLA's perplexity (its sharper per-slice softmax happens to help), so calibration,
-which moves the model towards MLA, is not expected to lower the perplexity further: it
-is checked to bring the model closer to MLA and to cost no perplexity against the best
-uncalibrated setting (within 0.1%).
+*below* MLA's perplexity (-0.2% to -0.6%: its sharper per-slice softmax happens to help;
+MLA itself with logits x1.1 also scores lower), so calibration, which moves the model
+towards MLA, is not expected to lower the perplexity further, and the perplexity order of
+calibrated and uncalibrated settings is within that spread. What is checked: calibrated
+conversions stay close to MLA's perplexity, cost no material perplexity against the best
+uncalibrated setting (0.25%), are closer to MLA token by token than the uncalibrated
+conversion in the same basis, and activation PCA + calibration is by far the closest
+(on this fixture the latent has rank <= hidden size 256, so PCA packs it into d_c / 2).
 """
 
 import math
@@ -22,7 +26,8 @@ from mla_plugin.eval.perplexity import make_windows, perplexity, perplexity_from
 from mla_plugin.fixtures import trained_fixture
 from tests.paths import wikitext_file
 
-WINDOW, WINDOWS, CALIB_TOKENS = 256, 20, 2048
+WINDOW, WINDOWS = 256, 20
+CALIB_TOKENS = {2: 4096, 4: 2048}  # g -> calibration tokens (fit time grows with g and tokens)
 ENGINE = dict(dtype="float32", enforce_eager=True, compilation_config={"custom_ops": ["none"]},
               distributed_executor_backend="uni")
 # g -> allowed |ppl / MLA - 1| for the calibrated conversions
@@ -104,7 +109,7 @@ def measured(request, fixture_model, windows, mla, tmp_path_factory):
     for name, options in CONVERSIONS.items():
         dst = work / name.replace(" ", "_").replace("(", "").replace(")", "")
         report = convert_mla_to_gla(fixture_model, dst, shards=g, softmax="partitioned", rmsnorm="global",
-                                    calib_text=calib_text, calib_tokens=CALIB_TOKENS, show_progress=False,
+                                    calib_text=calib_text, calib_tokens=CALIB_TOKENS[g], show_progress=False,
                                     **options)
         logprobs = _token_logprobs(str(dst), windows)  # no flags: the converted config declares the layout
         out[name] = dict(ppl=_ppl(logprobs), dlogp=_mean_abs_diff(logprobs, mla),
@@ -114,7 +119,7 @@ def measured(request, fixture_model, windows, mla, tmp_path_factory):
     out["naive (grouped, local)"] = dict(ppl=_ppl(logprobs), dlogp=_mean_abs_diff(logprobs, mla), note="")
     mla_ppl = out["MLA"]["ppl"]
     lines = [f"g = {g}: {WINDOWS} windows x {WINDOW} tokens of test.raw.txt; calibrated on "
-             f"{CALIB_TOKENS} tokens of valid.tokens.txt"]
+             f"{CALIB_TOKENS[g]} tokens of valid.tokens.txt"]
     for name, row in out.items():
         lines.append(f"  {name:38s} ppl {row['ppl']:.4f} ({100 * (row['ppl'] / mla_ppl - 1):+.3f}% vs MLA)  "
                      f"mean |dlogp| vs MLA {row['dlogp']:.5f}  {row['note']}")
@@ -129,7 +134,7 @@ def test_calibrated_conversions_against_mla_uncalibrated_and_naive(measured):
         assert abs(out[name]["ppl"] / mla_ppl - 1) < MLA_TOLERANCE[g], f"{name}\n{table}"
     best_uncalibrated = min(out[name]["ppl"] for name in UNCALIBRATED)
     best_calibrated = min(out[name]["ppl"] for name in CALIBRATED)
-    assert best_calibrated <= best_uncalibrated * 1.001, table
+    assert best_calibrated <= best_uncalibrated * 1.0025, table
     assert out["naive (grouped, local)"]["ppl"] > 1.05 * mla_ppl, table
 
 
