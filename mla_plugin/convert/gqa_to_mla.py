@@ -22,7 +22,7 @@ import torch
 
 from mla_plugin.checkpoint_format import LatentCheckpointFormat
 from mla_plugin.convert.gqa_latent import LatentPlan, convert_layer, rope_frequencies
-from mla_plugin.convert.mla_to_gla import ConversionError, _safetensors_files
+from mla_plugin.convert.mla_to_gla import ConversionError, _safetensors_files, progress_bar
 from mla_plugin.convert.safetensors_stream import StreamingWriter, read_tensor, tensor_entries
 
 SOURCE_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
@@ -108,14 +108,14 @@ def collect_kv_moments(src: Path, text: str, *, num_layers: int, tokens: int, wi
     """Per layer E[y yᵀ] of y = [k; v] (pre-RoPE, bias included) on calibration text."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mla_plugin.eval.perplexity import make_windows, tokenize_once
+
     tokenizer = AutoTokenizer.from_pretrained(str(src))
-    ids = tokenizer(text[: 32 * tokens], add_special_tokens=False)["input_ids"]  # enough characters
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids
-    windows = [ids[i:i + window] for i in range(0, min(len(ids), tokens), window)]
-    windows = [w for w in windows if len(w) == window] or windows[:1]
-    if not windows or len(windows[0]) < 2:
-        raise ConversionError("the calibration text is too short (fewer than 2 tokens)")
+    ids = tokenize_once(tokenizer, text[: 32 * tokens])  # enough characters for `tokens` tokens
+    try:
+        windows = make_windows(ids, window, max(1, tokens // window))
+    except ValueError as err:
+        raise ConversionError(f"calibration text: {err}") from None
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
     moments = [None] * num_layers
     captured: dict[tuple[int, str], torch.Tensor] = {}
@@ -134,13 +134,8 @@ def collect_kv_moments(src: Path, text: str, *, num_layers: int, tokens: int, wi
         handles.append(layer.self_attn.k_proj.register_forward_hook(hook(index, "k")))
         handles.append(layer.self_attn.v_proj.register_forward_hook(hook(index, "v")))
     seen = 0
-    items = windows
-    if show_progress:
-        from tqdm import tqdm
-
-        items = tqdm(windows, desc="calibrate", unit="window")
     with torch.no_grad():
-        for w in items:
+        for w in progress_bar(windows, "calibrate", show_progress):
             model(torch.tensor([w]))
             seen += len(w)
     for h in handles:
@@ -180,11 +175,7 @@ def convert_gqa_to_mla(src, dst, *, kv_lora_rank: int, rope_dim: int, freqfold: 
             f"exact form converts: --rope-dim {kv_heads * head_dim} --kv-lora-rank {kv_heads * head_dim}")
 
     def progress(items, desc):
-        if not show_progress:
-            return items
-        from tqdm import tqdm
-
-        return tqdm(items, desc=desc)
+        return progress_bar(items, desc, show_progress)
 
     num_layers = config["num_hidden_layers"]
     moments, calibration = [None] * num_layers, "none (exact form: no statistics needed)"

@@ -77,6 +77,15 @@ class ConversionReport:
         return "\n".join(lines + self.notes)
 
 
+def progress_bar(items, desc: str, enabled: bool):
+    """``items`` under a tqdm bar when enabled (the converters' long loops)."""
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc)
+
+
 def _safetensors_files(src: Path) -> list[Path]:
     index = src / "model.safetensors.index.json"
     if index.exists():
@@ -251,11 +260,7 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = "partitioned", r
         raise ConversionError(str(err)) from None
 
     def progress(items, desc):
-        if not show_progress:
-            return items
-        from tqdm import tqdm
-
-        return tqdm(items, desc=desc)
+        return progress_bar(items, desc, show_progress)
 
     files = _safetensors_files(src)
     calibration = None
