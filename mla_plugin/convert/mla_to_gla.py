@@ -40,6 +40,7 @@ from mla_plugin.convert.shard_calibration import (
     fold_shard_scales,
     latent_second_moment,
 )
+from mla_plugin.checkpoint_format import LatentCheckpointFormat
 from mla_plugin.gla_options import CONFIG_KEY, ResolvedSharding, ShardedLatentOptions
 from mla_plugin.ops.latent_basis import fold_gamma_and_rotate, fold_latent_weights
 
@@ -106,6 +107,20 @@ def _check_inputs(src: Path, dst: Path, config: dict, options: ShardedLatentOpti
     if config.get("q_lora_rank") is not None:
         raise ConversionError("checkpoints with q_lora_rank set are not supported yet "
                               "(DeepSeek-V2-Lite style, q_lora_rank = null, is)")
+    declared = config.get(CONFIG_KEY)
+    if isinstance(declared, dict) and declared.get("layout") == "sharded_latent":
+        raise ConversionError(
+            f"{src} is already a sharded-latent checkpoint (its config.json says layout sharded_latent, "
+            f"converted with {declared.get('converted_with')}); convert the original MLA checkpoint instead")
+    try:
+        fmt = LatentCheckpointFormat.from_config(declared, rope_dim=config.get("qk_rope_head_dim"))
+    except ValueError as err:
+        raise ConversionError(f"{src}/config.json: {err}") from None
+    if not fmt.is_stock:
+        raise ConversionError(
+            f"{src} was converted from a GQA/MHA model (gqa-to-mla: {fmt.to_dict().get('converted_from', {})}) "
+            "and has no latent RMSNorm, or carries biases / its own rope frequencies; the sharded-latent "
+            "layout does not support such checkpoints yet. Serve it with --attention-backend mla_plugin.")
     if dst.exists() and any(dst.iterdir()):
         raise ConversionError(f"{dst} exists and is not empty; give a new or empty folder")
     return options.resolve(tp_size=1, kv_lora_rank=config["kv_lora_rank"],

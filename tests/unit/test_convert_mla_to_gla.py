@@ -87,6 +87,10 @@ def test_bad_inputs_are_clear_errors(tiny, tmp_path):
     with pytest.raises(ConversionError, match="not empty"):
         convert_mla_to_gla(tiny, tmp_path / "full", shards=2, show_progress=False)
     assert (tmp_path / "full/keep.txt").read_text() == "mine"
+    convert_mla_to_gla(tiny, tmp_path / "once", shards=2, softmax="exact", basis="hadamard", show_progress=False)
+    with pytest.raises(ConversionError, match="already a sharded-latent checkpoint"):
+        convert_mla_to_gla(tmp_path / "once", tmp_path / "twice", shards=2, show_progress=False)
+    assert not (tmp_path / "twice").exists()
     proc = subprocess.run([sys.executable, "-m", "mla_plugin.cli", "convert", "mla-to-gla", str(llama),
                            str(tmp_path / "z"), "--shards", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "converts DeepSeek-V2" in proc.stderr and "Traceback" not in proc.stderr

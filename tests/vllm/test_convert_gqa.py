@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from mla_plugin.convert.gqa_to_mla import convert_gqa_to_mla
+from mla_plugin.convert.mla_to_gla import ConversionError, convert_mla_to_gla
 from mla_plugin.eval.perplexity import perplexity
 from mla_plugin.fixtures import make_tiny_llama, trained_fixture
 from mla_plugin.vllm.mla_backend import DECODE_CALLS
@@ -158,3 +159,7 @@ def test_report_counts_kv_values(tmp_path):
     assert (config["kv_lora_rank"], config["qk_rope_head_dim"]) == (48, 16)
     assert "rope_inv_freq" not in config["mla_plugin"]  # FreqFold 2 with one component = DeepSeek's default
     assert (tmp_path / "out/modeling_mla_plugin.py").exists()
+    # its sharded-latent conversion is refused with a reason, not done wrong
+    with pytest.raises(ConversionError, match="converted from a GQA/MHA model"):
+        convert_mla_to_gla(tmp_path / "out", tmp_path / "gla", shards=2, show_progress=False)
+    assert not (tmp_path / "gla").exists()
