@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from mla_plugin.checkpoint_format import LatentCheckpointFormat
 from mla_plugin.convert.safetensors_stream import StreamingWriter, read_tensor, tensor_entries
 from mla_plugin.convert.shard_calibration import (
     CALIBRATE_MODES,
@@ -40,7 +41,6 @@ from mla_plugin.convert.shard_calibration import (
     fold_shard_scales,
     latent_second_moment,
 )
-from mla_plugin.checkpoint_format import LatentCheckpointFormat
 from mla_plugin.gla_options import CONFIG_KEY, ResolvedSharding, ShardedLatentOptions
 from mla_plugin.ops.latent_basis import fold_gamma_and_rotate, fold_latent_weights
 

@@ -84,8 +84,12 @@ def _token_logprobs(model: str, windows, backend=None, hf_overrides=None) -> lis
         release_engine()
 
 
+def _window_nlls(logprobs) -> list[float]:
+    return [-sum(lp) / len(lp) for lp in logprobs]
+
+
 def _ppl(logprobs) -> float:
-    return perplexity_from_window_nlls([-sum(lp) / len(lp) for lp in logprobs])
+    return perplexity_from_window_nlls(_window_nlls(logprobs))
 
 
 def _mean_abs_diff(a, b) -> float:
@@ -143,7 +147,7 @@ def _best(out, names) -> str:
 
 def _paired_log_ppl_difference(a, b) -> tuple[float, float]:
     """log ppl(a) - log ppl(b) over the same windows, and its standard error from the per-window differences."""
-    diffs = [(-sum(wa) / len(wa)) - (-sum(wb) / len(wb)) for wa, wb in zip(a, b, strict=True)]
+    diffs = [na - nb for na, nb in zip(_window_nlls(a), _window_nlls(b), strict=True)]
     mean = sum(diffs) / len(diffs)
     var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
     return mean, math.sqrt(var / len(diffs))
