@@ -1,7 +1,7 @@
 """Decode speed on CPU: mla_plugin's backend against vLLM's CPU_MLA, same run.
 
 Two tables:
-  1. the decode op alone on one random paged cache (ours: mla_plugin.ops.paged_latent_decode;
+  1. the decode op alone on one random paged cache (ours: mla_plugin.ops.paged_latent_attention;
      CPU_MLA: vLLM's mla_decode_kvcache_cpu kernel), time per call and their ratio;
   2. whole engines on the same tiny DeepSeek-V2: decode tokens/s through each backend.
 
@@ -35,7 +35,7 @@ def _time(fn, reps: int) -> float:
 def op_table(batches, contexts, heads, dtype, reps) -> list[str]:
     from vllm import _custom_ops as vllm_ops
 
-    from mla_plugin.ops import paged_latent_decode
+    from mla_plugin.ops import paged_latent_attention
 
     d_c, d_r, block_size = 512, 64, 16
     rows = ["| batch | context | heads | ours ms/call | CPU_MLA ms/call | ours / CPU_MLA | max abs diff |",
@@ -49,10 +49,12 @@ def op_table(batches, contexts, heads, dtype, reps) -> list[str]:
             table = torch.randperm(num_blocks, generator=gen).view(batch, blocks_per_seq).to(torch.int32)
             seq_lens = torch.full((batch,), ctx, dtype=torch.int32)
             q = torch.randn(batch, heads, d_c + d_r, generator=gen).to(dtype)
+            starts = torch.arange(batch + 1, dtype=torch.int32)  # one query per request
             scale = (128 + 64) ** -0.5
 
-            def ours():
-                return paged_latent_decode(q[..., :d_c], q[..., d_c:], cache, table, seq_lens, scale)[0]
+            def ours():  # as MLA_PLUGIN's forward_mqa calls it
+                return paged_latent_attention(q[..., :d_c], q[..., d_c:], cache, starts, seq_lens, table, scale,
+                                              max_query_len=1, max_seq_len=ctx, return_lse=True)[0]
 
             out_ref = torch.zeros(batch, heads, d_c, dtype=dtype)
 
@@ -71,7 +73,7 @@ def engine_table(batch, prompt_tokens, new_tokens) -> list[str]:
     from vllm import LLM, SamplingParams
 
     from mla_plugin.fixtures import make_tiny_deepseek_v2
-    from mla_plugin.vllm.engine import release_engine
+    from mla_plugin.vllm.engine import exact_cpu_engine, release_engine
 
     model = str(make_tiny_deepseek_v2(tempfile.mkdtemp(prefix="mla_bench_model_"), seed=0, num_layers=4,
                                       num_heads=16, hidden_size=256))
@@ -81,9 +83,8 @@ def engine_table(batch, prompt_tokens, new_tokens) -> list[str]:
             "|---|---:|---:|---:|---:|---:|"]
     speeds = {}
     for backend in ("CPU_MLA", "MLA_PLUGIN"):
-        llm = LLM(model, attention_backend=backend, dtype="float32", enforce_eager=True,
-                  compilation_config={"custom_ops": ["none"]}, distributed_executor_backend="uni",
-                  max_model_len=prompt_tokens + new_tokens + 16, max_num_seqs=batch, seed=0)
+        llm = LLM(model, attention_backend=backend, **exact_cpu_engine(
+            dtype="float32", max_model_len=prompt_tokens + new_tokens + 16, max_num_seqs=batch, seed=0))
 
         def gen(n):
             params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)

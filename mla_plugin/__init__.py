@@ -7,5 +7,8 @@ The package is importable without vLLM: ``mla_plugin.ops`` is plain torch, and
 
 __version__ = "0.1.0"
 
-# Names users type for ``--attention-backend`` (any case).
-MLA_BACKEND_NAME = "MLA_PLUGIN"
+# The attention backends, as users name them for ``--attention-backend`` (any case).
+# Defined here only; every framework integration registers these names.
+MLA_BACKEND_NAME = "MLA_PLUGIN"  # MLA with our absorbed decode
+GLA_BACKEND_NAME = "MLA_PLUGIN_GLA"  # the latent sharded over TP ranks (gla_options.py)
+BACKEND_NAMES = (MLA_BACKEND_NAME, GLA_BACKEND_NAME)

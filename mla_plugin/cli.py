@@ -3,7 +3,7 @@
     mla-plugin demo                 serve a bundled tiny DeepSeek-V2 through the plugin
     mla-plugin ppl MODEL            wikitext-2 perplexity (vLLM or transformers engine)
     mla-plugin convert mla-to-gla SRC DST --shards G   DeepSeek-V2 -> sharded-latent layout
-    mla-plugin convert gqa-to-mla SRC DST --kv-lora-rank R --rope-dim r   Llama/Qwen2/Mistral -> MLA
+    mla-plugin convert gqa-to-mla SRC DST --kv-lora-rank D_C --rope-dim D_R   Llama/Qwen2/Mistral -> MLA
     mla-plugin make-tiny-model DIR  write a tiny random DeepSeek-V2 checkpoint
 """
 
@@ -11,6 +11,10 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
+
+from mla_plugin.convert import defaults as convert_defaults
+from mla_plugin.eval.perplexity import DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_WINDOW, ENGINES
+from mla_plugin.gla_options import CONVERTER_BASES, RMSNORM_MODES, SOFTMAX_MODES
 
 
 def _cmd_make_tiny_model(args) -> int:
@@ -119,7 +123,8 @@ def _cmd_ppl(args) -> int:
 
 
 def _cmd_convert_mla_to_gla(args) -> int:
-    from mla_plugin.convert.mla_to_gla import ConversionError, convert_mla_to_gla
+    from mla_plugin.convert.mla_to_gla import convert_mla_to_gla
+    from mla_plugin.convert.pipeline import ConversionError
 
     logit_scale = args.logit_scale if args.logit_scale == "auto" else float(args.logit_scale)
     try:
@@ -136,7 +141,7 @@ def _cmd_convert_mla_to_gla(args) -> int:
 
 def _cmd_convert_gqa_to_mla(args) -> int:
     from mla_plugin.convert.gqa_to_mla import convert_gqa_to_mla
-    from mla_plugin.convert.mla_to_gla import ConversionError
+    from mla_plugin.convert.pipeline import ConversionError
 
     try:
         report = convert_gqa_to_mla(args.src, args.dst, kv_lora_rank=args.kv_lora_rank, rope_dim=args.rope_dim,
@@ -165,15 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     ppl = sub.add_parser(
-        "ppl", help="wikitext-2 perplexity by the published protocol (DESIGN.md section 2)",
+        "ppl", help="wikitext-2 perplexity by the published protocol (docs/design.md, \"Perplexity protocol\")",
         description="Rows joined with '\\n\\n', tokenized once (BOS at the start only), non-overlapping "
                     "windows (remainder dropped), ppl = exp(mean of per-window mean NLL).")
     ppl.add_argument("model", help="checkpoint directory (or hub name where a hub is reachable)")
-    ppl.add_argument("--engine", choices=["vllm", "transformers"], default="vllm")
+    ppl.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE)
     ppl.add_argument("--text", help="text file (default: wikitext-2-raw-v1 test split from `datasets`)")
-    ppl.add_argument("--window", type=int, default=2048, help="tokens per window (default 2048)")
+    ppl.add_argument("--window", type=int, default=DEFAULT_WINDOW,
+                     help=f"tokens per window (default {DEFAULT_WINDOW})")
     ppl.add_argument("--max-windows", type=int, help="score only the first N windows")
-    ppl.add_argument("--dtype", default="bfloat16", help="float32 / bfloat16 / float16 (default bfloat16)")
+    ppl.add_argument("--dtype", default=DEFAULT_DTYPE,
+                     help=f"float32 / bfloat16 / float16 (default {DEFAULT_DTYPE})")
     ppl.add_argument("--attention-backend", help="vLLM attention backend, e.g. mla_plugin")
     ppl.add_argument("--tensor-parallel-size", type=int, default=1)
     ppl.add_argument("--hf-overrides", help="JSON passed to vLLM's hf_overrides")
@@ -192,22 +199,25 @@ def build_parser() -> argparse.ArgumentParser:
     to_gla.add_argument("src")
     to_gla.add_argument("dst", help="new or empty folder")
     to_gla.add_argument("--shards", type=int, required=True, help="g, the number of latent slices")
-    to_gla.add_argument("--softmax", choices=["exact", "partitioned", "grouped"], default="partitioned")
-    to_gla.add_argument("--rmsnorm", choices=["global", "local"], default="global")
-    to_gla.add_argument("--basis", choices=["identity", "hadamard", "pca", "pca-act"], default="hadamard",
+    to_gla.add_argument("--softmax", choices=SOFTMAX_MODES, default=convert_defaults.MLA_TO_GLA_SOFTMAX)
+    to_gla.add_argument("--rmsnorm", choices=RMSNORM_MODES, default=convert_defaults.MLA_TO_GLA_RMSNORM)
+    to_gla.add_argument("--basis", choices=CONVERTER_BASES, default=convert_defaults.MLA_TO_GLA_BASIS,
                         help="orthogonal basis the latent is rotated into before slicing: pca = PCA of the "
-                             "up-projection weights, pca-act = PCA of the latent on --calib-text (default hadamard)")
-    to_gla.add_argument("--logit-scale", default="auto",
+                             "up-projection weights, pca-act = PCA of the latent on --calib-text "
+                             f"(default {convert_defaults.MLA_TO_GLA_BASIS})")
+    to_gla.add_argument("--logit-scale", default=convert_defaults.MLA_TO_GLA_LOGIT_SCALE,
                         help="number, or auto (g for partitioned); the starting point when calibrating")
     to_gla.add_argument("--calib-text", help="calibration text file for pca-act and --calibrate (train or "
                                              "validation text, never the test split)")
-    to_gla.add_argument("--calibrate", choices=["none", "logit", "logit+output"], default="none",
+    to_gla.add_argument("--calibrate", choices=convert_defaults.CALIBRATE_MODES,
+                        default=convert_defaults.MLA_TO_GLA_CALIBRATE,
                         help="fit a logit scale per (layer, head, slice) (logit), and an output scale too "
                              "(logit+output), to match the exact attention output on --calib-text; folded into "
                              "the weights. Loads the model once with transformers (whole model in memory)")
-    to_gla.add_argument("--calib-tokens", type=int, default=16384,
-                        help="calibration tokens used at most (default 16384)")
-    to_gla.add_argument("--calib-window", type=int, default=256, help="tokens per calibration window (default 256)")
+    to_gla.add_argument("--calib-tokens", type=int, default=convert_defaults.MLA_TO_GLA_CALIB_TOKENS,
+                        help=f"calibration tokens used at most (default {convert_defaults.MLA_TO_GLA_CALIB_TOKENS})")
+    to_gla.add_argument("--calib-window", type=int, default=convert_defaults.MLA_TO_GLA_CALIB_WINDOW,
+                        help=f"tokens per calibration window (default {convert_defaults.MLA_TO_GLA_CALIB_WINDOW})")
     to_gla.set_defaults(func=_cmd_convert_mla_to_gla)
 
     to_mla = convert.add_parser(
@@ -219,16 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "and --kv-lora-rank = kv_heads x head_dim (no calibration needed).")
     to_mla.add_argument("src")
     to_mla.add_argument("dst", help="new or empty folder")
-    to_mla.add_argument("--kv-lora-rank", type=int, required=True, help="latent width R (d_c)")
-    to_mla.add_argument("--rope-dim", type=int, required=True,
-                        help="rope key dims r (qk_rope_head_dim): a multiple of head_dim / freqfold")
-    to_mla.add_argument("--freqfold", type=int, default=1, help="neighbouring rope frequencies folded together")
+    to_mla.add_argument("--kv-lora-rank", type=int, required=True, metavar="D_C",
+                        help="latent width d_c (kv_lora_rank)")
+    to_mla.add_argument("--rope-dim", type=int, required=True, metavar="D_R",
+                        help="rope key dims d_R (qk_rope_head_dim): a multiple of head_dim / freqfold")
+    to_mla.add_argument("--freqfold", type=int, default=convert_defaults.GQA_TO_MLA_FREQFOLD,
+                        help="neighbouring rope frequencies folded together")
     to_mla.add_argument("--calib-text", help="calibration text file (train or validation text, never the "
                                              "test split); needed unless the settings are exact")
-    to_mla.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (default 32768)")
-    to_mla.add_argument("--calib-window", type=int, default=256, help="tokens per calibration window")
+    to_mla.add_argument("--calib-tokens", type=int, default=convert_defaults.GQA_TO_MLA_CALIB_TOKENS,
+                        help=f"calibration tokens (default {convert_defaults.GQA_TO_MLA_CALIB_TOKENS})")
+    to_mla.add_argument("--calib-window", type=int, default=convert_defaults.GQA_TO_MLA_CALIB_WINDOW,
+                        help="tokens per calibration window")
     to_mla.add_argument("--no-balance", action="store_true", help="skip the K/V norm balance before the PCA")
-    to_mla.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    to_mla.add_argument("--dtype", choices=convert_defaults.OUTPUT_DTYPES,
                         help="dtype of the written weights (default: the source's)")
     to_mla.set_defaults(func=_cmd_convert_gqa_to_mla)
 

@@ -1,15 +1,19 @@
-"""Options of the sharded-latent (GLA-style) TP variant, as they travel in the model config.
+"""The sharded-latent (GLA-style) TP variant: its option vocabularies, the options as they
+travel in the model config, and the one immutable plan both the layer and the impl read.
+
+Framework-neutral: no vLLM, no torch. vLLM's integration (``mla_plugin.vllm``) and any
+other one build a :class:`ShardingPlan` with :func:`plan_for` and share it.
 
 Given with ``--hf-overrides '{"mla_plugin": {...}}'`` (or written into config.json by
 ``mla-plugin convert mla-to-gla``):
 
-    shards       g, the number of latent slices (default: the TP size). Each TP rank
-                 caches g / tp slices: d_c * (g / tp) / g + d_R values per token per layer.
+    shards       g, the number of latent slices (default: the TP size n_TP). Each TP rank
+                 caches g_loc = g / n_TP slices: d_loc + d_R values per token per layer.
     softmax      "exact" (default): partial logits summed across slices before one softmax;
                    equals MLA (one extra all-reduce of H x T logits per layer at TP > 1).
                  "partitioned": every slice runs its own softmax over all heads; slice
                    outputs are summed (TPLA-style; approximate; no extra communication).
-                 "grouped": head group r reads only slice r (GLA; the naive way to load an
+                 "grouped": head group j reads only slice j (GLA; the naive way to load an
                    MLA checkpoint as GLA).
     rmsnorm      "global" (default, exact: RMS over all d_c) or "local" (per slice, as a
                  model trained as GLA normalises).
@@ -26,19 +30,28 @@ Given with ``--hf-overrides '{"mla_plugin": {...}}'`` (or written into config.js
                  informational.
 
 The same entry may also carry checkpoint-format keys (checkpoint_format.py), validated there.
+
+Names (docs/design.md, Glossary): d_c (``latent_dim``) is the whole latent width,
+kv_lora_rank in the checkpoint; d_s = d_c / g (``shard_dim``) one slice, slices numbered
+j = 0 … g−1; d_loc (``local_latent_dim``) = d_s · g / n_TP the part one rank caches.
 """
 
 from dataclasses import asdict, dataclass
 
 CONFIG_KEY = "mla_plugin"
+
+# The option vocabularies, defined here only (the ops, the converter and the CLI use these).
 SOFTMAX_MODES = ("exact", "partitioned", "grouped")
-NORM_MODES = ("global", "local")
-BASES = ("identity", "hadamard", "pca")
+RMSNORM_MODES = ("global", "local")
+BASES = ("identity", "hadamard", "pca")  # what the runtime can apply at load time
+CONVERTER_BASES = BASES + ("pca-act",)  # pca-act needs calibration text: converter only
 LAYOUTS = ("mla", "sharded_latent")
 
 
 @dataclass(frozen=True)
 class ShardedLatentOptions:
+    """The validated ``mla_plugin`` entry of a model config, as the user wrote it."""
+
     shards: int | None = None
     softmax: str = "exact"
     rmsnorm: str = "global"
@@ -67,7 +80,7 @@ class ShardedLatentOptions:
     def _check(self) -> None:
         for name, value, valid in (
             ("softmax", self.softmax, SOFTMAX_MODES),
-            ("rmsnorm", self.rmsnorm, NORM_MODES),
+            ("rmsnorm", self.rmsnorm, RMSNORM_MODES),
             ("basis", self.basis, BASES),
             ("layout", self.layout, LAYOUTS),
         ):
@@ -88,14 +101,16 @@ class ShardedLatentOptions:
             raise ValueError(f"{CONFIG_KEY}: a 'sharded_latent' checkpoint has its basis applied already; "
                              "basis must be 'identity'")
 
-    def resolve(self, *, tp_size: int, kv_lora_rank: int, num_heads: int) -> "ResolvedSharding":
-        """Check the options against the model and the TP size; fix g and the scale."""
+    def resolve(self, *, latent_dim: int, num_heads: int, tp_size: int, tp_rank: int = 0) -> "ShardingPlan":
+        """Check the options against the model and the TP layout; fix g and the scale."""
         g = self.shards or tp_size
-        if kv_lora_rank % g:
-            raise ValueError(f"kv_lora_rank {kv_lora_rank} is not divisible by {CONFIG_KEY}.shards={g}")
+        if latent_dim % g:
+            raise ValueError(f"kv_lora_rank {latent_dim} is not divisible by {CONFIG_KEY}.shards={g}")
         if g % tp_size:
             raise ValueError(f"{CONFIG_KEY}.shards={g} must be a multiple of the TP size {tp_size} "
                              "(each rank holds shards / tp latent slices)")
+        if not 0 <= tp_rank < tp_size:
+            raise ValueError(f"tp_rank {tp_rank} is outside 0..{tp_size - 1} (TP size {tp_size})")
         if self.softmax == "grouped" and num_heads % g:
             raise ValueError(f"grouped softmax needs the {num_heads} heads divisible by shards={g}")
         if self.logit_scale == "auto":
@@ -104,37 +119,74 @@ class ShardedLatentOptions:
             scale = float(self.logit_scale)
         if self.softmax == "exact":
             scale = 1.0
-        return ResolvedSharding(options=self, shards=g, tp_size=tp_size, logit_scale=scale,
-                                shard_width=kv_lora_rank // g, shards_per_rank=g // tp_size)
+        return ShardingPlan(options=self, latent_dim=latent_dim, num_heads=num_heads, shards=g,
+                            tp_size=tp_size, tp_rank=tp_rank, logit_scale=scale)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass(frozen=True)
-class ResolvedSharding:
+class ShardingPlan:
+    """How one TP rank holds and attends over the sharded latent; immutable, built once.
+
+    The layer (cache writes, weight folding) and the attention impl read the same object.
+    """
+
     options: ShardedLatentOptions
-    shards: int  # g
+    latent_dim: int  # d_c, the whole latent (kv_lora_rank in the checkpoint)
+    num_heads: int  # H, all heads: every rank computes all of them
+    shards: int  # g, latent slices in all
     tp_size: int
-    logit_scale: float  # λ for every (head, shard); 1 for exact
-    shard_width: int  # d_c / g
-    shards_per_rank: int  # g / tp
+    tp_rank: int
+    logit_scale: float  # λ for every (head, slice); 1 for exact
 
-    def local_width(self) -> int:
-        """Latent values this rank caches per token (without the rope key)."""
-        return self.shard_width * self.shards_per_rank
+    @property
+    def softmax(self) -> str:
+        return self.options.softmax
 
-    def shard_offset(self, tp_rank: int) -> int:
-        return tp_rank * self.shards_per_rank
+    @property
+    def rmsnorm(self) -> str:
+        return self.options.rmsnorm
+
+    @property
+    def basis(self) -> str:
+        return self.options.basis
+
+    @property
+    def shard_dim(self) -> int:
+        """d_s = d_c / g, the width of one slice."""
+        return self.latent_dim // self.shards
+
+    @property
+    def shards_local(self) -> int:
+        """Slices this rank holds: g_loc = g / n_TP."""
+        return self.shards // self.tp_size
+
+    @property
+    def shard_offset(self) -> int:
+        """The first global slice on this rank."""
+        return self.tp_rank * self.shards_local
+
+    @property
+    def local_latent_dim(self) -> int:
+        """Latent values this rank caches per token (without the rope key): d_loc = d_s · g_loc."""
+        return self.shard_dim * self.shards_local
+
+    @property
+    def local_columns(self) -> slice:
+        """This rank's columns of the (rotated, normalised) latent [..., d_c]."""
+        start = self.shard_offset * self.shard_dim
+        return slice(start, start + self.local_latent_dim)
 
 
-def sharding_for(hf_config, tp_size: int) -> ResolvedSharding:
-    """Validated sharding of a DeepSeek-V2-style config at this TP size (clear errors)."""
+def plan_for(hf_config, *, tp_size: int, tp_rank: int = 0) -> ShardingPlan:
+    """The validated plan of a DeepSeek-V2-style config for one rank (clear errors)."""
     if getattr(hf_config, "q_lora_rank", None) is not None:
         raise NotImplementedError(
             "the sharded-latent variant supports checkpoints with q_lora_rank = null "
             f"(DeepSeek-V2-Lite style) so far; this one has q_lora_rank = {hf_config.q_lora_rank}."
         )
     options = ShardedLatentOptions.from_config(getattr(hf_config, CONFIG_KEY, None))
-    return options.resolve(tp_size=tp_size, kv_lora_rank=hf_config.kv_lora_rank,
-                           num_heads=hf_config.num_attention_heads)
+    return options.resolve(latent_dim=hf_config.kv_lora_rank, num_heads=hf_config.num_attention_heads,
+                           tp_size=tp_size, tp_rank=tp_rank)

@@ -68,11 +68,11 @@ def main() -> None:
 
     from mla_plugin.convert.mla_to_gla import convert_mla_to_gla
     from mla_plugin.eval.perplexity import perplexity
+    from mla_plugin.vllm.engine import exact_cpu_engine
 
     engine = dict(tensor_parallel_size=args.tp)
     if args.cpu:
-        engine = dict(enforce_eager=True, compilation_config={"custom_ops": ["none"]},
-                      distributed_executor_backend="uni")
+        engine = exact_cpu_engine()
         if args.tp != 1:
             raise SystemExit("--cpu runs at --tp 1")
     work = args.work or Path(tempfile.mkdtemp(prefix="dsv2_lite_gla_"))

@@ -28,9 +28,10 @@ os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="mla_gla_ppl_")
 from mla_plugin.convert.mla_to_gla import convert_mla_to_gla  # noqa: E402
 from mla_plugin.eval.perplexity import perplexity  # noqa: E402
 from mla_plugin.fixtures import trained_fixture  # noqa: E402
+from mla_plugin.vllm.engine import exact_cpu_engine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-EXACT = dict(enforce_eager=True, compilation_config={"custom_ops": ["none"]}, distributed_executor_backend="uni")
+EXACT = exact_cpu_engine()
 
 
 def settings(shards: int):

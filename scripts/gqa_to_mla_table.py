@@ -4,7 +4,7 @@
 
 Stages (llama-gqa-tiny: 8 query heads, 2 kv heads, head dim 32; KV 128 values per token
 per layer): original; exact MLA form (every key dim keeps RoPE, latent = the values);
-partial RoPE (RoRoPE, r = 32) and RoRoPE + FreqFold 2 (r = 16), the rest of the keys
+partial RoPE (RoRoPE, d_R = 32) and RoRoPE + FreqFold 2 (d_R = 16), the rest of the keys
 and the values kept whole; full MLA (BKV-PCA to a smaller latent). Calibration on
 ../shared/data/wikitext-2/valid.tokens.txt, never the test split; ppl on the test split
 through transformers (float32); the last stage also through vLLM with the plugin.
@@ -23,22 +23,23 @@ os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="mla_gqa_ppl_")
 from mla_plugin.convert.gqa_to_mla import convert_gqa_to_mla  # noqa: E402
 from mla_plugin.eval.perplexity import perplexity  # noqa: E402
 from mla_plugin.fixtures import trained_fixture  # noqa: E402
+from mla_plugin.vllm.engine import exact_cpu_engine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared/data/wikitext-2"
-EXACT = dict(enforce_eager=True, compilation_config={"custom_ops": ["none"]}, distributed_executor_backend="uni")
+EXACT = exact_cpu_engine()
 
 # label, converter settings (None: the source itself)
 STAGES = [
     ("original (GQA)", None),
     ("exact MLA form", dict(rope_dim=64, kv_lora_rank=64)),
-    ("partial RoPE: RoRoPE r=32", dict(rope_dim=32, kv_lora_rank=96)),
-    ("partial RoPE: RoRoPE + FreqFold 2, r=16", dict(rope_dim=16, kv_lora_rank=112, freqfold=2)),
-    ("full MLA: r=32, R=64 (BKV-PCA)", dict(rope_dim=32, kv_lora_rank=64)),
-    ("full MLA: r=16, R=64 (FreqFold 2, BKV-PCA)", dict(rope_dim=16, kv_lora_rank=64, freqfold=2)),
-    ("full MLA: r=16, R=48 (FreqFold 2, BKV-PCA)", dict(rope_dim=16, kv_lora_rank=48, freqfold=2)),
-    ("full MLA: r=16, R=48, no K/V balance", dict(rope_dim=16, kv_lora_rank=48, freqfold=2, balance=False)),
-    ("full MLA: r=16, R=32 (FreqFold 2, BKV-PCA)", dict(rope_dim=16, kv_lora_rank=32, freqfold=2)),
+    ("partial RoPE: RoRoPE d_R=32", dict(rope_dim=32, kv_lora_rank=96)),
+    ("partial RoPE: RoRoPE + FreqFold 2, d_R=16", dict(rope_dim=16, kv_lora_rank=112, freqfold=2)),
+    ("full MLA: d_R=32, d_c=64 (BKV-PCA)", dict(rope_dim=32, kv_lora_rank=64)),
+    ("full MLA: d_R=16, d_c=64 (FreqFold 2, BKV-PCA)", dict(rope_dim=16, kv_lora_rank=64, freqfold=2)),
+    ("full MLA: d_R=16, d_c=48 (FreqFold 2, BKV-PCA)", dict(rope_dim=16, kv_lora_rank=48, freqfold=2)),
+    ("full MLA: d_R=16, d_c=48, no K/V balance", dict(rope_dim=16, kv_lora_rank=48, freqfold=2, balance=False)),
+    ("full MLA: d_R=16, d_c=32 (FreqFold 2, BKV-PCA)", dict(rope_dim=16, kv_lora_rank=32, freqfold=2)),
 ]
 
 

@@ -1,11 +1,15 @@
 """GQA/MHA (Llama, Mistral, Qwen2) -> DeepSeek-V2-style MLA checkpoint.
 
-The per-layer math is in gqa_latent.py. This module reads the source, gathers the
-calibration statistics (second moments of every layer's keys and values on calibration
-text, one transformers forward pass per window), and streams the result: each output
-file mirrors a source file; a layer's new attention tensors are computed when the file
-holding its q_proj is written, so memory holds one layer's attention at a time (plus
-the model during calibration).
+The per-layer math is in gqa_latent.py, the calibration statistics (second moments of
+every layer's keys and values on calibration text, one transformers forward pass per
+window) in calibration_capture.py, the shared stages in pipeline.py. This module reads
+the source and streams the result: each output file mirrors a source file; a layer's
+new attention tensors are computed when the file holding its q_proj is written, so
+memory holds one layer's attention at a time (plus the model during calibration).
+
+    convert_gqa_to_mla = check the source, the plan and the settings
+                       -> calibration moments -> weights, file by file -> index and side files
+                       -> config.json (format declared) -> report
 
 The output is a DeepSeek-V2 checkpoint (dense MLP in every layer) with no latent
 RMSNorm, declared in config.json (checkpoint_format.py), plus modeling_mla_plugin.py for
@@ -21,9 +25,22 @@ from pathlib import Path
 import torch
 
 from mla_plugin.checkpoint_format import LatentCheckpointFormat
+from mla_plugin.convert import defaults
+from mla_plugin.convert.calibration_capture import capture_kv_moments, source_tokenizer
 from mla_plugin.convert.gqa_latent import LatentPlan, convert_layer, rope_frequencies
-from mla_plugin.convert.mla_to_gla import ConversionError, _safetensors_files, progress_bar
-from mla_plugin.convert.safetensors_stream import StreamingWriter, read_tensor, tensor_entries
+from mla_plugin.convert.pipeline import (
+    INDEX_NAME,
+    ConversionError,
+    SourceCheckpoint,
+    check_destination,
+    copy_side_files,
+    progress_reporter,
+    read_source,
+    write_index,
+    write_streamed,
+)
+from mla_plugin.convert.safetensors_stream import tensor_entries
+from mla_plugin.text_windows import calibration_windows, tokenize_once
 
 SOURCE_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 REMOTE_CODE = Path(__file__).with_name("modeling_mla_plugin.py")
@@ -79,7 +96,8 @@ def _source_inv_freq(config: dict, head_dim: int) -> torch.Tensor:
                           "its frequencies depend on the sequence length or rescale attention")
 
 
-def _check_source(src: Path, dst: Path, config: dict) -> tuple[int, int, int]:
+def _check_source(src: Path, config: dict) -> tuple[int, int, int]:
+    """A Llama/Mistral/Qwen2 with full attention and no MLP bias; returns (H, K, d_h)."""
     model_type = config.get("model_type")
     if model_type not in SOURCE_TYPES:
         arch = ", ".join(config.get("architectures") or [str(model_type)])
@@ -95,209 +113,242 @@ def _check_source(src: Path, dst: Path, config: dict) -> tuple[int, int, int]:
         if window < config.get("max_position_embeddings", 0):
             raise ConversionError(f"sliding-window attention (window {window}) has no MLA equivalent here; "
                                   "only full-attention checkpoints convert")
-    if dst.exists() and any(dst.iterdir()):
-        raise ConversionError(f"{dst} exists and is not empty; give a new or empty folder")
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     return heads, kv_heads, head_dim
 
 
-def collect_kv_moments(src: Path, text: str, *, num_layers: int, tokens: int, window: int,
-                       show_progress: bool) -> tuple[list[torch.Tensor], int]:
-    """Per layer E[y yᵀ] of y = [k; v] (pre-RoPE, bias included) on calibration text."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mla_plugin.eval.perplexity import make_windows, tokenize_once
-
-    tokenizer = AutoTokenizer.from_pretrained(str(src))
-    ids = tokenize_once(tokenizer, text[: 32 * tokens])  # enough characters for `tokens` tokens
-    try:
-        windows = make_windows(ids, window, max(1, tokens // window))
-    except ValueError as err:
-        raise ConversionError(f"calibration text: {err}") from None
-    model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32).eval()
-    moments = [None] * num_layers
-    captured: dict[tuple[int, str], torch.Tensor] = {}
-
-    def hook(layer, kind):
-        def save(_module, _inputs, output):
-            captured[(layer, kind)] = output.detach().reshape(-1, output.shape[-1]).double()
-            if kind == "v":
-                y = torch.cat([captured.pop((layer, "k")), captured.pop((layer, "v"))], dim=1)  # [T, 2Kd]
-                moment = y.T @ y
-                moments[layer] = moment if moments[layer] is None else moments[layer] + moment
-        return save
-
-    handles = []
-    for index, layer in enumerate(model.model.layers):
-        handles.append(layer.self_attn.k_proj.register_forward_hook(hook(index, "k")))
-        handles.append(layer.self_attn.v_proj.register_forward_hook(hook(index, "v")))
-    seen = 0
-    with torch.no_grad():
-        for w in progress_bar(windows, "calibrate", show_progress):
-            model(torch.tensor([w]))
-            seen += len(w)
-    for h in handles:
-        h.remove()
-    return [m / seen for m in moments], seen
-
-
-def convert_gqa_to_mla(src, dst, *, kv_lora_rank: int, rope_dim: int, freqfold: int = 1,
-                       calib_text=None, calib_tokens: int = 32768, calib_window: int = 256,
-                       balance: bool = True, dtype: str | None = None,
+def convert_gqa_to_mla(src, dst, *, kv_lora_rank: int, rope_dim: int, freqfold: int = defaults.GQA_TO_MLA_FREQFOLD,
+                       calib_text=None, calib_tokens: int = defaults.GQA_TO_MLA_CALIB_TOKENS,
+                       calib_window: int = defaults.GQA_TO_MLA_CALIB_WINDOW,
+                       balance: bool = defaults.GQA_TO_MLA_BALANCE, dtype: str | None = None,
                        show_progress: bool = True) -> GQAConversionReport:
-    """Rewrite a Llama/Mistral/Qwen2 checkpoint ``src`` as an MLA checkpoint in ``dst``."""
+    """Rewrite a Llama/Mistral/Qwen2 checkpoint ``src`` as an MLA checkpoint in ``dst``.
 
-    src, dst = Path(src), Path(dst)
-    if not (src / "config.json").exists():
-        raise ConversionError(f"{src} has no config.json")
-    config = json.loads((src / "config.json").read_text())
-    heads, kv_heads, head_dim = _check_source(src, dst, config)
-    plan = LatentPlan(heads=heads, kv_heads=kv_heads, head_dim=head_dim, rope_dim=rope_dim,
-                      kv_lora_rank=kv_lora_rank, freqfold=freqfold, balance=balance)
+    ``dtype`` of the written weights: None keeps the source's. The defaults are
+    `mla-plugin convert gqa-to-mla`'s (convert/defaults.py).
+    """
+    source, dst = read_source(src), Path(dst)
+    heads, kv_heads, head_dim = _check_source(source.path, source.config)
+    check_destination(dst)
+    plan = _latent_plan(heads=heads, kv_heads=kv_heads, head_dim=head_dim, rope_dim=rope_dim,
+                        kv_lora_rank=kv_lora_rank, freqfold=freqfold, balance=balance)
+    out_dtype = _output_dtype(dtype)
+    source_freq = _source_inv_freq(source.config, head_dim)
+    _check_calibration_text(plan, calib_text)
+    progress = progress_reporter(show_progress)
+
+    moments, calibration = _calibration_moments(source, calib_text, tokens=calib_tokens, window=calib_window,
+                                                show_progress=show_progress)
+    layout = _source_layout(source)
+    dst.mkdir(parents=True, exist_ok=True)
+    weight_map, alphas = _write_weights(source, dst, plan, layout, moments, out_dtype, progress)
+    if source.has_index:
+        write_index(dst, weight_map)
+    copy_side_files(source.path, dst, skip=("config.json", INDEX_NAME))
+    shutil.copy2(REMOTE_CODE, dst / REMOTE_CODE.name)
+
+    theta, rope_inv_freq = _declared_rope(source.config, plan, source_freq)
+    settings = dict(kv_lora_rank=plan.kv_lora_rank, rope_dim=plan.rope_dim, freqfold=freqfold, balance=balance,
+                    calibration=calibration)
+    fmt = LatentCheckpointFormat(latent_norm=False, q_bias=layout.has_q_bias, kv_a_bias=layout.has_kv_bias,
+                                 rope_inv_freq=rope_inv_freq,
+                                 converted_from=dict(architecture=(source.config.get("architectures") or ["?"])[0],
+                                                     **settings))
+    out_config = _deepseek_config(source.config, plan, theta, fmt, dtype)
+    (dst / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+    return _report(source.config, plan, layout, calibration=calibration, alphas=alphas,
+                   explicit_rope=rope_inv_freq is not None)
+
+
+def _latent_plan(**settings) -> LatentPlan:
+    plan = LatentPlan(**settings)
     try:
         plan.check()
     except ValueError as err:
         raise ConversionError(str(err)) from None
-    out_dtype, dtype_name = None, dtype
-    if dtype is not None:
-        if dtype not in ("float32", "bfloat16", "float16"):
-            raise ConversionError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-        out_dtype = getattr(torch, dtype)
-    source_freq = _source_inv_freq(config, head_dim)
+    return plan
+
+
+def _output_dtype(dtype: str | None) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if dtype not in defaults.OUTPUT_DTYPES:
+        raise ConversionError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def _check_calibration_text(plan: LatentPlan, calib_text) -> None:
     if calib_text is not None and not Path(calib_text).is_file():
         raise ConversionError(f"calibration text {calib_text} does not exist")
     if not plan.exact and calib_text is None:
+        width = plan.kv_heads * plan.head_dim
         raise ConversionError(
             "these settings drop RoPE from some key dims or compress the latent, which needs calibration "
             "text: --calib-text FILE (train or validation text, never the test split). Without it only the "
-            f"exact form converts: --rope-dim {kv_heads * head_dim} --kv-lora-rank {kv_heads * head_dim}")
+            f"exact form converts: --rope-dim {width} --kv-lora-rank {width}")
 
-    def progress(items, desc):
-        return progress_bar(items, desc, show_progress)
 
-    num_layers = config["num_hidden_layers"]
-    moments, calibration = [None] * num_layers, "none (exact form: no statistics needed)"
-    if calib_text is not None:
-        text = Path(calib_text).read_text(encoding="utf-8")
-        moments, seen = collect_kv_moments(src, text, num_layers=num_layers, tokens=calib_tokens,
-                                           window=calib_window, show_progress=show_progress)
-        calibration = f"{seen} tokens of {Path(calib_text).name} (windows of {calib_window})"
+def _calibration_moments(source: SourceCheckpoint, calib_text, *, tokens: int, window: int,
+                         show_progress: bool) -> tuple[list[torch.Tensor | None], str]:
+    """Per layer S = E[y yᵀ] of y = [k; v] on the calibration text (None each without text), and
+    a line saying what was used."""
+    num_layers = source.config["num_hidden_layers"]
+    if calib_text is None:
+        return [None] * num_layers, "none (exact form: no statistics needed)"
+    text = Path(calib_text).read_text(encoding="utf-8")
+    ids = tokenize_once(source_tokenizer(source.path), text[: 32 * tokens])  # enough characters for `tokens`
+    try:
+        windows = calibration_windows(ids, tokens, window)
+    except ValueError as err:
+        raise ConversionError(f"calibration text: {err}") from None
+    moments, seen = capture_kv_moments(source.path, windows, num_layers=num_layers, show_progress=show_progress)
+    return moments, f"{seen} tokens of {Path(calib_text).name} (windows of {window})"
 
-    files = _safetensors_files(src)
-    where: dict[str, Path] = {}
-    for path in files:
-        for name in tensor_entries(path):
-            where[name] = path
 
-    def read(name):
-        return read_tensor(where[name], name) if name in where else None
+@dataclass(frozen=True)
+class _SourceLayout:
+    """What the source's tensor names say about the output's attention tensors."""
 
-    def layer_tensors(layer: int):
-        p = f"model.layers.{layer}.self_attn."
-        missing = [f"{p}{k}_proj.weight" for k in "qkvo" if f"{p}{k}_proj.weight" not in where]
-        if missing:
-            raise ConversionError(f"missing tensors: {missing}")
-        if f"{p}o_proj.bias" in where:
-            raise ConversionError(f"{p}o_proj has a bias; DeepSeek-V2's o_proj has none")
-        out = convert_layer(plan, w_q=read(p + "q_proj.weight"), b_q=read(p + "q_proj.bias"),
-                            w_k=read(p + "k_proj.weight"), b_k=read(p + "k_proj.bias"),
-                            w_v=read(p + "v_proj.weight"), b_v=read(p + "v_proj.bias"),
-                            w_o=read(p + "o_proj.weight"), moment=moments[layer])
-        named = [(p + "q_proj.weight", out.q_proj), (p + "q_proj.bias", out.q_bias),
-                 (p + "kv_a_proj_with_mqa.weight", out.kv_a_proj_with_mqa),
-                 (p + "kv_a_proj_with_mqa.bias", out.kv_a_bias), (p + "kv_b_proj.weight", out.kv_b_proj)]
-        return [(n, t) for n, t in named if t is not None], out.alpha
+    has_q_bias: bool  # q_proj.bias -> q_proj.bias (Qwen2)
+    has_kv_bias: bool  # k_proj / v_proj biases -> kv_a_proj_with_mqa.bias
+    tie: bool  # tied embeddings without an lm_head tensor: lm_head.weight is written out
 
-    has_q_bias = any(n.endswith("self_attn.q_proj.bias") for n in where)
-    has_kv_bias = any(n.endswith(("self_attn.k_proj.bias", "self_attn.v_proj.bias")) for n in where)
-    # Shapes of every layer's new tensors, for the headers (computed without the weights).
-    dn, r, R, d = plan.nope_dim, plan.rope_dim, plan.kv_lora_rank, head_dim
-    new_shapes = {"q_proj.weight": [heads * (dn + r), config["hidden_size"]], "q_proj.bias": [heads * (dn + r)],
-                  "kv_a_proj_with_mqa.weight": [R + r, config["hidden_size"]],
-                  "kv_a_proj_with_mqa.bias": [R + r], "kv_b_proj.weight": [heads * (dn + d), R]}
 
-    dst.mkdir(parents=True, exist_ok=True)
+def _source_layout(source: SourceCheckpoint) -> _SourceLayout:
+    names = source.tensors
+    return _SourceLayout(
+        has_q_bias=any(n.endswith("self_attn.q_proj.bias") for n in names),
+        has_kv_bias=any(n.endswith(("self_attn.k_proj.bias", "self_attn.v_proj.bias")) for n in names),
+        tie=source.config.get("tie_word_embeddings", False) and "lm_head.weight" not in names)
+
+
+def _new_attention_shapes(plan: LatentPlan, hidden: int, layout: _SourceLayout) -> dict[str, list[int]]:
+    """Suffix -> shape of the tensors every converted layer writes in place of q/k/v_proj
+    (computed without the weights, for the file headers)."""
+    H, d_nope, d_r, d_c, d_h = plan.heads, plan.nope_dim, plan.rope_dim, plan.kv_lora_rank, plan.head_dim
+    shapes = {"q_proj.weight": [H * (d_nope + d_r), hidden], "q_proj.bias": [H * (d_nope + d_r)],
+              "kv_a_proj_with_mqa.weight": [d_c + d_r, hidden], "kv_a_proj_with_mqa.bias": [d_c + d_r],
+              "kv_b_proj.weight": [H * (d_nope + d_h), d_c]}
+    if not layout.has_q_bias:
+        del shapes["q_proj.bias"]
+    if not layout.has_kv_bias:
+        del shapes["kv_a_proj_with_mqa.bias"]
+    return shapes
+
+
+@dataclass(frozen=True)
+class _Output:
+    """One tensor of an output file: copied from a source tensor, or new for a layer's attention."""
+
+    name: str
+    dtype: torch.dtype
+    shape: list[int]
+    source: str | int  # the source tensor's name, or the layer index
+
+
+def _file_outputs(entries: dict, new_shapes: dict[str, list[int]], out_dtype: torch.dtype | None,
+                  tie: bool) -> list[_Output]:
+    """One output file's tensors in the source file's order: k_proj, v_proj and the rope
+    buffers dropped, a layer's new attention tensors where its q_proj.weight was."""
+    outputs = []
+    for name, (stored, shape) in entries.items():
+        dtype = out_dtype if out_dtype is not None and stored.is_floating_point else stored
+        if _ROPE_BUFFER.match(name):
+            continue
+        match = _ATTN.match(name)
+        if match is None:
+            outputs.append(_Output(name, dtype, shape, name))
+            if tie and name == "model.embed_tokens.weight":
+                outputs.append(_Output("lm_head.weight", dtype, shape, name))
+            continue
+        layer, kind, what = int(match.group(1)), match.group(2), match.group(3)
+        if kind == "o_proj":
+            outputs.append(_Output(name, dtype, shape, name))
+        elif kind == "q_proj" and what == "weight":
+            prefix = f"model.layers.{layer}.self_attn."
+            outputs += [_Output(prefix + suffix, dtype, new_shape, layer) for suffix, new_shape in new_shapes.items()]
+    return outputs
+
+
+def _convert_attention(source: SourceCheckpoint, plan: LatentPlan, layer: int, moment: torch.Tensor | None,
+                       new_shapes: dict[str, list[int]]) -> tuple[dict[str, torch.Tensor], float]:
+    """One layer's new attention tensors (float64; zero biases where the output declares a bias
+    this layer lacks) and its K/V balance factor α."""
+    p = f"model.layers.{layer}.self_attn."
+    missing = [f"{p}{k}_proj.weight" for k in "qkvo" if f"{p}{k}_proj.weight" not in source.tensors]
+    if missing:
+        raise ConversionError(f"missing tensors: {missing}")
+    if f"{p}o_proj.bias" in source.tensors:
+        raise ConversionError(f"{p}o_proj has a bias; DeepSeek-V2's o_proj has none")
+    out = convert_layer(plan, w_q=source.read(p + "q_proj.weight"), b_q=source.read(p + "q_proj.bias"),
+                        w_k=source.read(p + "k_proj.weight"), b_k=source.read(p + "k_proj.bias"),
+                        w_v=source.read(p + "v_proj.weight"), b_v=source.read(p + "v_proj.bias"),
+                        w_o=source.read(p + "o_proj.weight"), moment=moment)
+    named = {"q_proj.weight": out.q_proj, "q_proj.bias": out.q_bias, "kv_a_proj_with_mqa.weight": out.kv_a_proj_with_mqa,
+             "kv_a_proj_with_mqa.bias": out.kv_a_bias, "kv_b_proj.weight": out.kv_b_proj}
+    tensors = {p + suffix: t for suffix, t in named.items() if t is not None}
+    for bias in ("q_proj.bias", "kv_a_proj_with_mqa.bias"):
+        if bias in new_shapes and p + bias not in tensors:
+            tensors[p + bias] = torch.zeros(new_shapes[bias])
+    return tensors, out.alpha
+
+
+def _write_weights(source: SourceCheckpoint, dst: Path, plan: LatentPlan, layout: _SourceLayout,
+                   moments: list, out_dtype: torch.dtype | None, progress) -> tuple[dict[str, str], list[float]]:
+    """Each output file mirrors a source file; a layer's attention is converted when the file
+    holding its q_proj is written (one layer in memory at a time). Returns the weight map
+    (tensor -> file) and every layer's α."""
+    new_shapes = _new_attention_shapes(plan, source.config["hidden_size"], layout)
     weight_map, alphas = {}, []
-    tie = config.get("tie_word_embeddings", False) and "lm_head.weight" not in where
-    for path in progress(files, desc="convert"):
-        entries = tensor_entries(path)
-        plan_out = []  # (name, dtype, shape, source: str | (layer,))
-        for name, (stored, shape) in entries.items():
-            dtype = out_dtype if out_dtype is not None and stored.is_floating_point else stored
-            match = _ATTN.match(name)
-            if _ROPE_BUFFER.match(name):
-                continue
-            if match is None:
-                plan_out.append((name, dtype, shape, name))
-                if tie and name == "model.embed_tokens.weight":
-                    plan_out.append(("lm_head.weight", dtype, shape, name))
-                continue
-            layer, kind, what = int(match.group(1)), match.group(2), match.group(3)
-            if kind == "o_proj":
-                plan_out.append((name, dtype, shape, name))
-            elif kind == "q_proj" and what == "weight":
-                p = f"model.layers.{layer}.self_attn."
-                for suffix, new_shape in new_shapes.items():
-                    if (suffix == "q_proj.bias" and not has_q_bias) or \
-                            (suffix == "kv_a_proj_with_mqa.bias" and not has_kv_bias):
-                        continue
-                    plan_out.append((p + suffix, dtype, new_shape, (layer,)))
-        writer = StreamingWriter(dst / path.name, [(n, dt, s) for n, dt, s, _ in plan_out],
-                                 metadata={"format": "pt"})
+    for path in progress(source.files, desc="convert"):
+        outputs = {o.name: o for o in _file_outputs(tensor_entries(path), new_shapes, out_dtype, layout.tie)}
         pending: dict[str, torch.Tensor] = {}
-        for name, dtype, _, source in plan_out:
-            if isinstance(source, tuple):
-                if name not in pending:
-                    tensors, alpha = layer_tensors(source[0])
-                    alphas.append(alpha)
-                    pending.update(tensors)
-                    if has_q_bias and not any(n.endswith("q_proj.bias") for n, _ in tensors):
-                        pending[name.rsplit("self_attn.", 1)[0] + "self_attn.q_proj.bias"] = \
-                            torch.zeros(new_shapes["q_proj.bias"])
-                    if has_kv_bias and not any(n.endswith("kv_a_proj_with_mqa.bias") for n, _ in tensors):
-                        pending[name.rsplit("self_attn.", 1)[0] + "self_attn.kv_a_proj_with_mqa.bias"] = \
-                            torch.zeros(new_shapes["kv_a_proj_with_mqa.bias"])
-                writer.write(name, pending.pop(name).to(dtype))
-            else:
-                writer.write(name, read(source).to(dtype))
-            weight_map[name] = path.name
-        writer.close()
+
+        def tensor_for(name, outputs=outputs, pending=pending):
+            out = outputs[name]
+            if isinstance(out.source, str):
+                return source.read(out.source).to(out.dtype)
+            if name not in pending:
+                tensors, alpha = _convert_attention(source, plan, out.source, moments[out.source], new_shapes)
+                alphas.append(alpha)
+                pending.update(tensors)
+            return pending.pop(name).to(out.dtype)
+
+        write_streamed(dst / path.name, [(o.name, o.dtype, o.shape) for o in outputs.values()], tensor_for)
+        weight_map.update({name: path.name for name in outputs})
+    num_layers = source.config["num_hidden_layers"]
     if len(alphas) != num_layers:
         raise ConversionError(f"found attention weights for {len(alphas)} of {num_layers} layers")
-    if (src / "model.safetensors.index.json").exists():
-        (dst / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
-    for other in src.iterdir():
-        if other.is_file() and other.suffix != ".safetensors" and other.name not in (
-                "config.json", "model.safetensors.index.json"):
-            shutil.copy2(other, dst / other.name)
-    shutil.copy2(REMOTE_CODE, dst / REMOTE_CODE.name)
+    return weight_map, alphas
 
-    kept_freq = rope_frequencies(plan, source_freq)
+
+def _declared_rope(config: dict, plan: LatentPlan, source_freq: torch.Tensor) -> tuple[float, tuple | None]:
+    """(θ, the kept rope frequencies when they are not DeepSeek's default for θ and d_R, else None)."""
+    d_r = plan.rope_dim
+    kept_freq = rope_frequencies(plan, source_freq)  # [d_R / 2]
     theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
-    default_freq = 1.0 / (theta ** (torch.arange(0, r, 2, dtype=torch.float64) / r))
+    default_freq = 1.0 / (theta ** (torch.arange(0, d_r, 2, dtype=torch.float64) / d_r))
     explicit = not torch.allclose(kept_freq, default_freq, rtol=1e-6, atol=0)
-    settings = dict(kv_lora_rank=R, rope_dim=r, freqfold=freqfold, balance=balance, calibration=calibration)
-    fmt = LatentCheckpointFormat(latent_norm=False, q_bias=has_q_bias, kv_a_bias=has_kv_bias,
-                                 rope_inv_freq=tuple(float(x) for x in kept_freq) if explicit else None,
-                                 converted_from=dict(architecture=(config.get("architectures") or ["?"])[0],
-                                                     **settings))
-    out_config = _deepseek_config(config, plan, theta, fmt, dtype_name)
-    (dst / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
-    plan_info = dict(kv_lora_rank=R, rope_dim=r, freqfold=freqfold, rope_components=plan.rope_components,
-                     nope_dim=dn, head_dim=d, kv_heads=kv_heads, exact=plan.exact)
+    return theta, tuple(float(x) for x in kept_freq) if explicit else None
+
+
+def _report(config: dict, plan: LatentPlan, layout: _SourceLayout, *, calibration: str, alphas: list[float],
+            explicit_rope: bool) -> GQAConversionReport:
+    plan_info = dict(kv_lora_rank=plan.kv_lora_rank, rope_dim=plan.rope_dim, freqfold=plan.freqfold,
+                     rope_components=plan.rope_components, nope_dim=plan.nope_dim, head_dim=plan.head_dim,
+                     kv_heads=plan.kv_heads, exact=plan.exact)
     notes = []
-    if explicit:
+    if explicit_rope:
         notes.append("rope frequencies are not DeepSeek's default for this rope dim: written to "
                      "config.json as mla_plugin.rope_inv_freq")
-    if tie:
+    if layout.tie:
         notes.append("tied embeddings: lm_head.weight written out")
     return GQAConversionReport(
-        source=SOURCE_TYPES[config["model_type"]], layers=num_layers, plan=plan_info,
-        kv_values_before=2 * kv_heads * d, kv_values_after=R + r, calibration=calibration,
-        mean_alpha=sum(alphas) / len(alphas), notes=notes)
+        source=SOURCE_TYPES[config["model_type"]], layers=config["num_hidden_layers"], plan=plan_info,
+        kv_values_before=2 * plan.kv_heads * plan.head_dim, kv_values_after=plan.kv_lora_rank + plan.rope_dim,
+        calibration=calibration, mean_alpha=sum(alphas) / len(alphas), notes=notes)
 
 
 def _deepseek_config(src: dict, plan: LatentPlan, theta: float, fmt: LatentCheckpointFormat,

@@ -1,56 +1,59 @@
 """MLA -> sharded latent: a DeepSeek-V2 checkpoint rewritten for MLA_PLUGIN_GLA.
 
-Per layer (DESIGN.md section 1): the latent RMSNorm weight γ is folded into the
-up-projections, the latent is rotated into the chosen orthogonal basis R
-(W_DKV <- Rᵀ W_DKV on the latent rows of kv_a_proj_with_mqa; W_UK,h, W_UV,h <- · diag(γ) R),
-and, for the approximate softmax modes, each slice's partial-logit scale is folded into
+Per layer (docs/design.md, "Sharded latent" and "Bases"): the latent RMSNorm weight γ is
+folded into the up-projections, the latent is rotated into the chosen orthogonal basis Q
+(W_DKV <- Qᵀ W_DKV on the latent rows of kv_a_proj_with_mqa; W_UK,h, W_UV,h <- · diag(γ) Q),
+and, for the approximate softmax modes, each slice's partial-logit scale λ is folded into
 W_UK. With calibration text (``calib_text``; train or validation text, never the test
 split) the basis may be the activation PCA (``pca-act``), and the logit scale λ (and an
 output scale μ) may be fitted per (layer, head, slice) and folded into W_UK (and W_UV);
-see shard_calibration.py. config.json then declares ``"mla_plugin": {"layout": "sharded_latent", ...}`` so
+see calibration_fit.py (the math) and calibration_capture.py (the transformers run).
+config.json then declares ``"mla_plugin": {"layout": "sharded_latent", ...}`` so
 vLLM with the plugin serves it with no flags. Under exact softmax and global RMSNorm
 the result is still an ordinary DeepSeek-V2 checkpoint computing the same function
 (transformers loads it too).
 
-Streaming: tensors are read and written one at a time; only the attention latent
-weights of all layers (small) are held while the rest is copied. Calibration (``pca-act``
-or ``calibrate`` other than "none") first runs the source model once with transformers
-in float32, which needs the whole model in memory, and keeps per layer the latent and
-rope key of every calibration token and the queries at a sample of positions.
+Streaming (pipeline.py): tensors are read and written one at a time; only the attention
+latent weights of all layers (small) are held while the rest is copied. Calibration
+(``pca-act`` or ``calibrate`` other than "none") first runs the source model once with
+transformers in float32, which needs the whole model in memory, and keeps per layer the
+latent and rope key of every calibration token and the queries at a sample of positions.
 """
 
 import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from mla_plugin.checkpoint_format import LatentCheckpointFormat
-from mla_plugin.convert.safetensors_stream import StreamingWriter, read_tensor, tensor_entries
-from mla_plugin.convert.shard_calibration import (
-    CALIBRATE_MODES,
-    DEFAULT_CALIB_TOKENS,
-    DEFAULT_CALIB_WINDOW,
-    Capture,
-    activation_pca_basis,
+from mla_plugin.convert import defaults
+from mla_plugin.convert.calibration_capture import Capture, capture_activations
+from mla_plugin.convert.calibration_fit import (
     active_slices,
+    activation_pca_basis,
     calibrate_layer,
-    capture_activations,
     fold_shard_scales,
     latent_second_moment,
 )
-from mla_plugin.gla_options import CONFIG_KEY, ResolvedSharding, ShardedLatentOptions
+from mla_plugin.convert.defaults import CALIBRATE_MODES
+from mla_plugin.convert.pipeline import (
+    ConversionError,
+    SourceCheckpoint,
+    TensorEntry,
+    check_destination,
+    copy_side_files,
+    progress_reporter,
+    read_source,
+    write_streamed,
+)
+from mla_plugin.convert.safetensors_stream import read_tensor, tensor_entries
+from mla_plugin.gla_options import CONFIG_KEY, CONVERTER_BASES, ShardedLatentOptions, ShardingPlan
 from mla_plugin.ops.latent_basis import fold_gamma_and_rotate, fold_latent_weights
 
-CONVERTER_BASES = ("identity", "hadamard", "pca", "pca-act")
 CALIB_TEXT_NEEDED = "needs calibration text: --calib-text FILE (train or validation text, never the test split)"
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.(kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj)\.weight$")
-
-
-class ConversionError(ValueError):
-    """Bad input for a converter: the message says what and how to fix it."""
 
 
 @dataclass
@@ -78,27 +81,8 @@ class ConversionReport:
         return "\n".join(lines + self.notes)
 
 
-def progress_bar(items, desc: str, enabled: bool):
-    """``items`` under a tqdm bar when enabled (the converters' long loops)."""
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc)
-
-
-def _safetensors_files(src: Path) -> list[Path]:
-    index = src / "model.safetensors.index.json"
-    if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [src / n for n in names]
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
-        raise ConversionError(f"{src} has no *.safetensors files")
-    return files
-
-
-def _check_inputs(src: Path, dst: Path, config: dict, options: ShardedLatentOptions) -> ResolvedSharding:
+def _check_inputs(src: Path, dst: Path, config: dict, options: ShardedLatentOptions) -> ShardingPlan:
+    """The source must be a stock DeepSeek-V2 (MLA) checkpoint, the destination new or empty."""
     if config.get("model_type") != "deepseek_v2" or "kv_lora_rank" not in config:
         arch = ", ".join(config.get("architectures") or [config.get("model_type", "unknown")])
         raise ConversionError(
@@ -121,10 +105,8 @@ def _check_inputs(src: Path, dst: Path, config: dict, options: ShardedLatentOpti
             f"{src} was converted from a GQA/MHA model (gqa-to-mla: {fmt.to_dict().get('converted_from', {})}) "
             "and has no latent RMSNorm, or carries biases / its own rope frequencies; the sharded-latent "
             "layout does not support such checkpoints yet. Serve it with --attention-backend mla_plugin.")
-    if dst.exists() and any(dst.iterdir()):
-        raise ConversionError(f"{dst} exists and is not empty; give a new or empty folder")
-    return options.resolve(tp_size=1, kv_lora_rank=config["kv_lora_rank"],
-                           num_heads=config["num_attention_heads"])
+    check_destination(dst)
+    return options.resolve(latent_dim=config["kv_lora_rank"], num_heads=config["num_attention_heads"], tp_size=1)
 
 
 @dataclass
@@ -136,20 +118,22 @@ class _Calibration:
     fits: dict = field(default_factory=dict)  # layer -> ShardScaleFit
 
 
-def _layer_transforms(files, config, scale, basis, progress, shards: int,
-                      calibration: _Calibration | None = None) -> dict[str, torch.Tensor]:
-    """New kv_a_proj_with_mqa, kv_a_layernorm and kv_b_proj weights for every layer."""
-
-    d_c, heads = config["kv_lora_rank"], config["num_attention_heads"]
-    nope, v = config["qk_nope_head_dim"], config["v_head_dim"]
-    found: dict[int, dict[str, tuple[Path, torch.dtype]]] = {}
-    for path in files:
-        for name, (dtype, _) in tensor_entries(path).items():
-            match = _LAYER_KEY.match(name)
-            if match:
-                found.setdefault(int(match.group(1)), {})[match.group(2)] = (path, dtype)
+def _attention_weights_by_layer(source: SourceCheckpoint) -> dict[int, dict[str, TensorEntry]]:
+    """layer -> {"kv_a_proj_with_mqa" | "kv_a_layernorm" | "kv_b_proj": where the weight is}."""
+    found: dict[int, dict[str, TensorEntry]] = {}
+    for name, entry in source.tensors.items():
+        match = _LAYER_KEY.match(name)
+        if match:
+            found.setdefault(int(match.group(1)), {})[match.group(2)] = entry
     if not found:
         raise ConversionError("no MLA attention weights (kv_a_proj_with_mqa, kv_b_proj) found")
+    return found
+
+
+def _layer_transforms(source: SourceCheckpoint, scale: float, basis: str, progress, shards: int,
+                      calibration: _Calibration | None = None) -> dict[str, torch.Tensor]:
+    """New kv_a_proj_with_mqa, kv_a_layernorm and kv_b_proj weights for every layer."""
+    found = _attention_weights_by_layer(source)
     replaced = {}
     fitting = calibration is not None and calibration.mode != "none"
     for layer in progress(sorted(found), desc="fold, rotate, calibrate" if fitting else "fold and rotate"):
@@ -157,41 +141,52 @@ def _layer_transforms(files, config, scale, basis, progress, shards: int,
         missing = {"kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj"} - set(parts)
         if missing:
             raise ConversionError(f"layer {layer}: missing {sorted(missing)}")
+        replaced.update(_fold_layer(source.config, layer, parts, scale=scale, basis=basis, shards=shards,
+                                    calibration=calibration))
+    return replaced
 
-        def load(kind):
-            path, _ = parts[kind]
-            return read_tensor(path, f"model.layers.{layer}.self_attn.{kind}.weight").to(torch.float64)
 
-        kv_a, gamma, kv_b = load("kv_a_proj_with_mqa"), load("kv_a_layernorm"), load("kv_b_proj")
-        captured = None
-        if calibration is not None:
-            captured = calibration.capture.layers.get(layer)
-            if captured is None:
-                raise ConversionError(f"layer {layer}: no calibration activations captured")
-        if basis == "pca-act":
-            rotation = activation_pca_basis(latent_second_moment(captured.latent, captured.eps))
-            per_head = kv_b.reshape(heads, nope + v, d_c)
-            w_dkv, w_uk, w_uv = fold_gamma_and_rotate(kv_a[:d_c], gamma, per_head[:, :nope], per_head[:, nope:],
-                                                      rotation)
-        else:
-            rotation, w_dkv, w_uk, w_uv = fold_latent_weights(kv_b, gamma, num_heads=heads, nope_dim=nope,
-                                                              v_dim=v, basis=basis, w_dkv=kv_a[:d_c])
-        if fitting:
-            fit = calibrate_layer(captured, calibration.capture.positions, w_uk, w_uv, rotation,
-                                  num_shards=shards, softmax_mode=calibration.softmax,
-                                  rmsnorm=calibration.rmsnorm, init_logit_scale=scale,
-                                  fit_output=calibration.mode == "logit+output")
-            calibration.fits[layer] = fit
-            w_uk, w_uv = fold_shard_scales(w_uk, w_uv, fit.logit_scale.to(torch.float64),
-                                           fit.output_scale.to(torch.float64))
-        else:
-            w_uk = w_uk * scale
-        prefix = f"model.layers.{layer}.self_attn."
-        replaced[prefix + "kv_a_proj_with_mqa.weight"] = (torch.cat([w_dkv, kv_a[d_c:]]), parts["kv_a_proj_with_mqa"][1])
-        replaced[prefix + "kv_a_layernorm.weight"] = (torch.ones(d_c, dtype=torch.float64), parts["kv_a_layernorm"][1])
-        replaced[prefix + "kv_b_proj.weight"] = (torch.cat([w_uk, w_uv], dim=1).reshape(heads * (nope + v), d_c),
-                                                 parts["kv_b_proj"][1])
-    return {name: tensor.to(dtype) for name, (tensor, dtype) in replaced.items()}
+def _fold_layer(config: dict, layer: int, parts: dict[str, TensorEntry], *, scale: float, basis: str,
+                shards: int, calibration: _Calibration | None) -> dict[str, torch.Tensor]:
+    """One layer: γ folded, the latent rotated into the basis, the slice scales folded into W_UK
+    (fitted per (head, slice) when calibrating, else ``scale``); float64 math, stored dtypes out."""
+    d_c, heads = config["kv_lora_rank"], config["num_attention_heads"]
+    nope, v = config["qk_nope_head_dim"], config["v_head_dim"]
+    prefix = f"model.layers.{layer}.self_attn."
+
+    def load(kind):
+        return read_tensor(parts[kind].path, f"{prefix}{kind}.weight").to(torch.float64)
+
+    kv_a, gamma, kv_b = load("kv_a_proj_with_mqa"), load("kv_a_layernorm"), load("kv_b_proj")
+    captured = None
+    if calibration is not None:
+        captured = calibration.capture.layers.get(layer)
+        if captured is None:
+            raise ConversionError(f"layer {layer}: no calibration activations captured")
+    if basis == "pca-act":
+        rotation = activation_pca_basis(latent_second_moment(captured.latent, captured.eps))  # [d_c, d_c]
+        per_head = kv_b.reshape(heads, nope + v, d_c)  # [H, d_nope + d_v, d_c]
+        w_dkv, w_uk, w_uv = fold_gamma_and_rotate(kv_a[:d_c], gamma, per_head[:, :nope], per_head[:, nope:],
+                                                  rotation)
+    else:
+        rotation, w_dkv, w_uk, w_uv = fold_latent_weights(kv_b, gamma, num_heads=heads, nope_dim=nope,
+                                                          v_dim=v, basis=basis, w_dkv=kv_a[:d_c])
+    if calibration is not None and calibration.mode != "none":
+        fit = calibrate_layer(captured, calibration.capture.positions, w_uk, w_uv, rotation,
+                              num_shards=shards, softmax_mode=calibration.softmax,
+                              rmsnorm=calibration.rmsnorm, init_logit_scale=scale,
+                              fit_output=calibration.mode == "logit+output")
+        calibration.fits[layer] = fit
+        w_uk, w_uv = fold_shard_scales(w_uk, w_uv, fit.logit_scale.to(torch.float64),
+                                       fit.output_scale.to(torch.float64))
+    else:
+        w_uk = w_uk * scale
+    new = {
+        "kv_a_proj_with_mqa": torch.cat([w_dkv, kv_a[d_c:]]),  # [d_c + d_R, d_model]
+        "kv_a_layernorm": torch.ones(d_c, dtype=torch.float64),  # [d_c], weightless now
+        "kv_b_proj": torch.cat([w_uk, w_uv], dim=1).reshape(heads * (nope + v), d_c),  # [H * (d_nope + d_v), d_c]
+    }
+    return {f"{prefix}{kind}.weight": tensor.to(parts[kind].dtype) for kind, tensor in new.items()}
 
 
 def _check_calibration(basis: str, softmax: str, calib_text, calibrate: str, calib_tokens: int,
@@ -247,76 +242,97 @@ def _calibration_summary(calibration: _Calibration) -> tuple[dict, list[str]]:
     return record, lines
 
 
-def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = "partitioned", rmsnorm: str = "global",
-                       basis: str = "identity", logit_scale="auto", calib_text=None, calibrate: str = "none",
-                       calib_tokens: int = DEFAULT_CALIB_TOKENS, calib_window: int = DEFAULT_CALIB_WINDOW,
+def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_GLA_SOFTMAX,
+                       rmsnorm: str = defaults.MLA_TO_GLA_RMSNORM, basis: str = defaults.MLA_TO_GLA_BASIS,
+                       logit_scale=defaults.MLA_TO_GLA_LOGIT_SCALE, calib_text=None,
+                       calibrate: str = defaults.MLA_TO_GLA_CALIBRATE,
+                       calib_tokens: int = defaults.MLA_TO_GLA_CALIB_TOKENS,
+                       calib_window: int = defaults.MLA_TO_GLA_CALIB_WINDOW,
                        show_progress: bool = True) -> ConversionReport:
     """Rewrite checkpoint ``src`` into ``dst`` for the sharded-latent layout with g = ``shards``.
 
     ``basis="pca-act"`` and ``calibrate`` ("logit": fit λ per (layer, head, slice);
     "logit+output": λ and μ) need ``calib_text``, of which at most ``calib_tokens`` tokens
     are used in windows of ``calib_window``; they load the source model once with
-    transformers (float32, whole model in memory).
+    transformers (float32, whole model in memory). The defaults are `mla-plugin convert
+    mla-to-gla`'s (convert/defaults.py).
     """
-
-    src, dst = Path(src), Path(dst)
-    if not (src / "config.json").exists():
-        raise ConversionError(f"{src} has no config.json")
-    config = json.loads((src / "config.json").read_text())
+    source, dst = read_source(src), Path(dst)
     if basis not in CONVERTER_BASES:
         raise ConversionError(f"basis must be one of {list(CONVERTER_BASES)}, got {basis!r}")
     calib_path = _check_calibration(basis, softmax, calib_text, calibrate, calib_tokens, calib_window)
-    try:
-        runtime = ShardedLatentOptions.from_config(dict(
-            shards=shards, softmax=softmax, rmsnorm=rmsnorm, basis="identity",
-            logit_scale=logit_scale, layout="sharded_latent"))
-        resolved = _check_inputs(src, dst, config, runtime)
-    except ValueError as err:
-        raise ConversionError(str(err)) from None
-
-    def progress(items, desc):
-        return progress_bar(items, desc, show_progress)
-
-    files = _safetensors_files(src)
+    runtime, plan = _runtime_options(source, dst, shards=shards, softmax=softmax, rmsnorm=rmsnorm,
+                                     logit_scale=logit_scale)
+    progress = progress_reporter(show_progress)
     calibration = None
     if calib_path is not None:
-        try:
-            capture = capture_activations(src, calib_path, tokens=calib_tokens, window=calib_window,
-                                          need_queries=calibrate != "none", show_progress=show_progress)
-        except ValueError as err:
-            raise ConversionError(str(err)) from None
-        calibration = _Calibration(capture=capture, mode=calibrate, softmax=softmax, rmsnorm=rmsnorm)
-    replaced = _layer_transforms(files, config, resolved.logit_scale, basis, progress, resolved.shards,
-                                 calibration)
+        calibration = _capture(source, calib_path, calibrate=calibrate, softmax=softmax, rmsnorm=rmsnorm,
+                               tokens=calib_tokens, window=calib_window, show_progress=show_progress)
+    replaced = _layer_transforms(source, plan.logit_scale, basis, progress, plan.shards, calibration)
     if calibration is not None:
         calibration.capture.layers = {}  # the activations are no longer needed
         calib_record, notes = _calibration_summary(calibration)
     else:
         calib_record, notes = {"calibrate": "none"}, []
     dst.mkdir(parents=True, exist_ok=True)
-    copied = 0
-    for path in progress(files, desc="write"):
-        entries = tensor_entries(path)
-        writer = StreamingWriter(dst / path.name, [(n, d, s) for n, (d, s) in entries.items()],
-                                 metadata={"format": "pt"})
-        for name in entries:
-            if name in replaced:
-                writer.write(name, replaced[name])
-            else:
-                writer.write(name, read_tensor(path, name))
-                copied += 1
-        writer.close()
-    for other in src.iterdir():
-        if other.is_file() and other.suffix != ".safetensors" and other.name != "config.json":
-            shutil.copy2(other, dst / other.name)
-    # The scale is folded into W_UK, so the runtime multiplies by 1.
-    config[CONFIG_KEY] = dict(runtime.to_dict(), logit_scale=1.0,
-                              converted_with={"basis": basis, "logit_scale": resolved.logit_scale, **calib_record})
+    copied = _write_weights(source, dst, replaced, progress)
+    copy_side_files(source.path, dst, skip=("config.json",))  # the index too: names and files are kept
+    config = _output_config(source.config, runtime, plan, basis, calib_record)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     d_c, d_r = config["kv_lora_rank"], config["qk_rope_head_dim"]
     return ConversionReport(
-        layers=len(replaced) // 3, shards=resolved.shards, options=config[CONFIG_KEY],
+        layers=len(replaced) // 3, shards=plan.shards, options=config[CONFIG_KEY],
         kv_values_per_token_per_layer_before=d_c + d_r,
-        kv_values_per_token_per_layer_per_rank_after=d_c // resolved.shards + d_r,
+        kv_values_per_token_per_layer_per_rank_after=d_c // plan.shards + d_r,
         changed_tensors=len(replaced), copied_tensors=copied, notes=notes,
     )
+
+
+def _runtime_options(source: SourceCheckpoint, dst: Path, *, shards: int, softmax: str, rmsnorm: str,
+                     logit_scale) -> tuple[ShardedLatentOptions, ShardingPlan]:
+    """The options the converted checkpoint declares (basis applied already), checked against the source."""
+    try:
+        runtime = ShardedLatentOptions.from_config(dict(
+            shards=shards, softmax=softmax, rmsnorm=rmsnorm, basis="identity",
+            logit_scale=logit_scale, layout="sharded_latent"))
+        return runtime, _check_inputs(source.path, dst, source.config, runtime)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
+
+
+def _capture(source: SourceCheckpoint, calib_path: Path, *, calibrate: str, softmax: str, rmsnorm: str,
+             tokens: int, window: int, show_progress: bool) -> _Calibration:
+    """Run the source once over the calibration text (transformers) and keep what the fit needs."""
+    try:
+        capture = capture_activations(source.path, calib_path, tokens=tokens, window=window,
+                                      need_queries=calibrate != "none", show_progress=show_progress)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
+    return _Calibration(capture=capture, mode=calibrate, softmax=softmax, rmsnorm=rmsnorm)
+
+
+def _write_weights(source: SourceCheckpoint, dst: Path, replaced: dict[str, torch.Tensor], progress) -> int:
+    """Every source file rewritten under its own name, the replaced tensors swapped in; returns the
+    number of tensors copied unchanged."""
+    copied = 0
+    for path in progress(source.files, desc="write"):
+        entries = tensor_entries(path)
+
+        def tensor_for(name, path=path):
+            nonlocal copied
+            if name in replaced:
+                return replaced[name]
+            copied += 1
+            return read_tensor(path, name)
+
+        write_streamed(dst / path.name, [(n, d, s) for n, (d, s) in entries.items()], tensor_for)
+    return copied
+
+
+def _output_config(config: dict, runtime: ShardedLatentOptions, plan: ShardingPlan, basis: str,
+                   calib_record: dict) -> dict:
+    """The source's config.json with the layout declared, so vLLM with the plugin needs no flag."""
+    # The scale is folded into W_UK, so the runtime multiplies by 1.
+    config[CONFIG_KEY] = dict(runtime.to_dict(), logit_scale=1.0,
+                              converted_with={"basis": basis, "logit_scale": plan.logit_scale, **calib_record})
+    return config

@@ -4,11 +4,10 @@ from mla_plugin.eval.perplexity import (
     PerplexityResult,
     TextUnavailableError,
     load_text,
-    make_windows,
     perplexity,
     perplexity_from_window_nlls,
-    tokenize_once,
 )
+from mla_plugin.text_windows import make_windows, tokenize_once
 
 __all__ = [
     "PerplexityResult",

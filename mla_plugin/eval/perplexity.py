@@ -1,4 +1,4 @@
-"""The perplexity protocol (DESIGN.md section 2) and its two engines.
+"""The perplexity protocol (docs/design.md, "Perplexity protocol") and its two engines.
 
 wikitext-2-raw-v1 test split, rows joined with "\\n\\n", tokenized once with BOS only at
 the very start, non-overlapping windows (stride = window, remainder dropped), every
@@ -6,7 +6,8 @@ token after the first of a window scored, ppl = exp(mean over windows of the win
 mean NLL). This is the protocol behind DeepSeek-V2-Lite's published 6.3102.
 
 Engines: ``transformers`` (the reference) and ``vllm`` (prompt logprobs; any attention
-backend, TP size and hf_overrides).
+backend, TP size and hf_overrides). The windowing itself is in ``mla_plugin.text_windows``
+(no vLLM, no transformers), which the converters' calibration shares.
 """
 
 import json
@@ -14,7 +15,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mla_plugin.text_windows import make_windows, tokenize_once
+
 ENGINES = ("vllm", "transformers")
+# Defaults of perplexity() and of `mla-plugin ppl` (the CLI reads these).
+DEFAULT_ENGINE = "vllm"
+DEFAULT_WINDOW = 2048
+DEFAULT_DTYPE = "bfloat16"
 
 
 class TextUnavailableError(RuntimeError):
@@ -59,25 +66,6 @@ def load_text(path: str | Path | None = None) -> str:
             '(the test split\'s rows joined with "\\n\\n").'
         ) from None
     return "\n\n".join(rows)
-
-
-def tokenize_once(tokenizer, text: str) -> list[int]:
-    """The whole text as one token sequence, BOS only at the very start."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = tokenizer.bos_token_id
-    return ([bos] if bos is not None else []) + list(ids)
-
-
-def make_windows(ids: list[int], window: int, max_windows: int | None = None) -> list[list[int]]:
-    """Non-overlapping windows of exactly ``window`` tokens; the remainder is dropped."""
-    if window < 2:
-        raise ValueError(f"window must be at least 2 tokens, got {window}")
-    count = len(ids) // window
-    if max_windows is not None:
-        count = min(count, max_windows)
-    if count == 0:
-        raise ValueError(f"text has {len(ids)} tokens, fewer than one window of {window}")
-    return [ids[i * window : (i + 1) * window] for i in range(count)]
 
 
 def perplexity_from_window_nlls(window_nlls: list[float]) -> float:
@@ -134,16 +122,20 @@ def _score_vllm(model_path: str, windows, dtype: str, progress, *, attention_bac
 def perplexity(
     model: str,
     *,
-    engine: str = "vllm",
+    engine: str = DEFAULT_ENGINE,
     text: str | None = None,
     text_path: str | Path | None = None,
-    window: int = 2048,
+    window: int = DEFAULT_WINDOW,
     max_windows: int | None = None,
-    dtype: str = "float32",
+    dtype: str = DEFAULT_DTYPE,
     show_progress: bool = True,
     **engine_options,
 ) -> PerplexityResult:
-    """Perplexity of ``model`` by the protocol above, with one of the two engines."""
+    """Perplexity of ``model`` by the protocol above, with one of the two engines.
+
+    The defaults are `mla-plugin ppl`'s: engine vllm, window 2048, dtype bfloat16 (pass
+    ``dtype="float32"`` to compare engines or backends at tight tolerances).
+    """
     from transformers import AutoTokenizer
 
     if engine not in ENGINES:

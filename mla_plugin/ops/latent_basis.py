@@ -1,24 +1,27 @@
 """Orthogonal bases for the latent, and folding the RMSNorm weight into the weights.
 
-Before the latent is cut into shards, an orthogonal ``R`` (d_c x d_c) may rotate it.
-Weights use the row convention of ``nn.Linear`` (``c_t = W_DKV x_t``, rows = latent
-dims); with the norm weight γ folded into the up-projections the layer becomes
+Symbols as in docs/design.md (Glossary; section 5, "Bases"). Before the latent is cut
+into slices, an orthogonal ``Q`` (d_c x d_c) may rotate it. Weights have the shape of
+``nn.Linear.weight``, ``[out, in]`` (``c_t = W_DKV x_t``, rows = latent dims); with the
+norm weight γ folded into the up-projections the layer becomes
 
-    W_DKV'   = Rᵀ W_DKV
-    W_UK,h'  = W_UK,h diag(γ) R
-    W_UV,h'  = W_UV,h diag(γ) R
+    W_DKV'   = Qᵀ W_DKV
+    W_UK,h'  = W_UK,h diag(γ) Q
+    W_UV,h'  = W_UV,h diag(γ) Q
 
-and the cache holds the weightless ``ĉ'_t = c'_t / rms(c'_t) = Rᵀ c_t / rms(c_t)``.
-Under the global RMSNorm this is exact, since ``‖Rᵀc‖ = ‖c‖``:
-``W_UK,h' ĉ'_t = W_UK,h diag(γ) c_t / rms(c_t)``, the original key, and likewise the value.
+and the cache holds the weightless ``ĉ'_t = c'_t / rms(c'_t) = Qᵀ c_t / rms(c_t)`` (for
+latents kept in rows: ``c_rows @ Q``). Under the global RMSNorm this is exact, since
+``‖Qᵀc‖ = ‖c‖``: ``W_UK,h' ĉ'_t = W_UK,h diag(γ) c_t / rms(c_t)``, the original key, and
+likewise the value.
 
-Bases: ``identity``; ``hadamard`` (spreads energy evenly over the shards);
-``pca`` of the up-projection weights (concentrates it in the leading shards).
+Bases: ``identity``; ``hadamard`` (spreads energy evenly over the slices);
+``pca`` of the up-projection weights (concentrates it in the leading slices).
 """
 
 import torch
 
-BASES = ("identity", "hadamard", "pca")
+from mla_plugin.gla_options import BASES  # the one vocabulary (framework-neutral, no torch)
+from mla_plugin.ops.pca import descending_eigenvectors
 
 
 def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -34,14 +37,6 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return (h / n**0.5).to(dtype)
 
 
-def _fix_column_signs(vectors: torch.Tensor) -> torch.Tensor:
-    """Flip each column so that its largest-magnitude entry (first on ties) is positive."""
-    pivot = vectors.abs().argmax(dim=0)  # [n]
-    signs = torch.sign(vectors[pivot, torch.arange(vectors.shape[1])])
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
-    return vectors * signs.unsqueeze(0)
-
-
 def pca_basis_from_weights(w_uk: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
     """Principal axes of the latent as seen by the up-projections, ``[d_c, d_c]`` float64.
 
@@ -51,15 +46,13 @@ def pca_basis_from_weights(w_uk: torch.Tensor, w_uv: torch.Tensor) -> torch.Tens
     """
     if w_uk.dim() != 3 or w_uv.dim() != 3:
         raise ValueError(
-            f"w_uk and w_uv must be [H, d, d_c], got {tuple(w_uk.shape)} and {tuple(w_uv.shape)}"
+            f"w_uk and w_uv must be [H, d_nope or d_v, d_c], got {tuple(w_uk.shape)} and {tuple(w_uv.shape)}"
         )
     if w_uk.shape[-1] != w_uv.shape[-1]:
         raise ValueError(f"w_uk d_c {w_uk.shape[-1]} != w_uv d_c {w_uv.shape[-1]}")
     uk, uv = w_uk.to(torch.float64), w_uv.to(torch.float64)
     gram = torch.einsum("hnc,hnd->cd", uk, uk) + torch.einsum("hvc,hvd->cd", uv, uv)  # [d_c, d_c]
-    gram = 0.5 * (gram + gram.T)  # exactly symmetric for eigh
-    _, vectors = torch.linalg.eigh(gram)  # ascending eigenvalues
-    return _fix_column_signs(vectors.flip(-1))
+    return descending_eigenvectors(gram)
 
 
 def basis_matrix(
@@ -68,7 +61,7 @@ def basis_matrix(
     w_uk: torch.Tensor | None = None,
     w_uv: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The orthogonal rotation ``R`` [d_c, d_c] (float64) for a basis name in ``BASES``.
+    """The orthogonal basis rotation ``Q`` [d_c, d_c] (float64) for a basis name in ``BASES``.
 
     ``pca`` needs ``w_uk`` and ``w_uv`` (see ``pca_basis_from_weights``).
     """
@@ -91,9 +84,9 @@ def fold_gamma_and_rotate(
     gamma: torch.Tensor,  # [d_c]            kv_a_layernorm weight
     w_uk: torch.Tensor,  # [H, d_nope, d_c]
     w_uv: torch.Tensor,  # [H, d_v, d_c]
-    rotation: torch.Tensor,  # [d_c, d_c] orthogonal R
+    rotation: torch.Tensor,  # [d_c, d_c] orthogonal Q
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Return ``(Rᵀ W_DKV, W_UK diag(γ) R, W_UV diag(γ) R)`` in the inputs' dtypes.
+    """Return ``(Qᵀ W_DKV, W_UK diag(γ) Q, W_UV diag(γ) Q)`` in the inputs' dtypes.
 
     Computed in float64. Afterwards the latent norm must be weightless. ``w_dkv=None``
     (the latent is rotated at run time instead) gives None in its place.
@@ -131,9 +124,9 @@ def fold_latent_weights(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The sharded-latent weight preparation shared by the runtime and the converter.
 
-    Splits kv_b_proj per head, picks the rotation R for ``basis`` from the γ-folded
-    up-projections, folds γ and R in, and multiplies W_UK by the slice logit scale.
-    Returns ``(R, Rᵀ W_DKV or None, W_UK', W_UV')``, all float64.
+    Splits kv_b_proj per head, picks the basis rotation Q for ``basis`` from the γ-folded
+    up-projections, folds γ and Q in, and multiplies W_UK by the slice logit scale λ.
+    Returns ``(Q, Qᵀ W_DKV or None, W_UK', W_UV')``, all float64.
     """
     f64 = torch.float64
     d_c = kv_b.shape[-1]

@@ -14,7 +14,7 @@ from mla_plugin.checkpoint_format import LatentCheckpointFormat, format_of
 
 
 def _explicit_rope(freqs: tuple[float, ...], rope_dim: int, max_position: int):
-    from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+    from mla_plugin.vllm.compat import RotaryEmbedding
 
     class ExplicitFrequencyRotaryEmbedding(RotaryEmbedding):
         """Interleaved (GPT-J style) RoPE with the checkpoint's own inverse frequencies."""
@@ -26,23 +26,42 @@ def _explicit_rope(freqs: tuple[float, ...], rope_dim: int, max_position: int):
                                             torch.get_default_dtype())
 
 
+def _moved(what: str) -> None:
+    from mla_plugin.vllm.touch_points import VLLMTouchPointError, vllm_version
+
+    raise VLLMTouchPointError(
+        f"mla_plugin cannot apply a converted checkpoint's format on vLLM {vllm_version()}: {what} "
+        "(touch point 'MLA modules'). Serving it anyway would compute the wrong attention; use "
+        "a vLLM version mla_plugin supports (see mla_plugin.vllm.touch_points.SUPPORTED_VLLM).")
+
+
+def _holders(attn: nn.Module) -> dict[str, nn.Module]:
+    """The layer and its MLA wrapper, which hold the same submodules."""
+    wrapper = getattr(attn, "mla_attn", None)
+    if wrapper is None:
+        _moved(f"{type(attn).__name__} has no 'mla_attn' wrapper")
+    return {"": attn, ".mla_attn": wrapper}
+
+
 def apply_checkpoint_format(attn: nn.Module, config, prefix: str) -> nn.Module:
     """Rebuild the parts of a DeepseekV2MLAAttention that the checkpoint declares differently."""
     fmt: LatentCheckpointFormat = format_of(config)
     if fmt.is_stock:
         return attn
-    from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear
+    from mla_plugin.vllm.compat import ColumnParallelLinear, ReplicatedLinear
 
     if getattr(config, "q_lora_rank", None) is not None:
         raise NotImplementedError("mla_plugin checkpoint-format keys need q_lora_rank = null")
     if getattr(config.rope_parameters, "get", dict().get)("rope_type", "default") != "default" and fmt.rope_inv_freq:
         raise ValueError("mla_plugin.rope_inv_freq needs rope_type 'default'")
-    holders = [attn] + [m for m in (getattr(attn, "mla_attn", None),) if m is not None]
+    holders = _holders(attn)
 
     def swap(name: str, module: nn.Module) -> None:
-        for holder in holders:
-            if getattr(holder, name, None) is not None:
-                setattr(holder, name, module)
+        for label, holder in holders.items():
+            if getattr(holder, name, None) is None:
+                _moved(f"{type(attn).__name__}{label} has no {name!r} to replace")
+        for holder in holders.values():
+            setattr(holder, name, module)
 
     if not fmt.latent_norm:
         swap("kv_a_layernorm", nn.Identity())

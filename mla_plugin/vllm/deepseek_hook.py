@@ -5,22 +5,27 @@ Light on purpose: imported by the plugin entry point in every vLLM process; the 
 module (gla_attention) is imported only when a layer of that kind is built.
 """
 
-DEEPSEEK_V2 = "vllm.model_executor.models.deepseek_v2"
+from mla_plugin import GLA_BACKEND_NAME
+from mla_plugin.vllm.backends import on_backend_selected, requested_backend
 
 
 def sharded_layout_requested() -> bool:
-    from vllm.config import get_current_vllm_config
+    from mla_plugin.vllm.compat import get_current_vllm_config
 
-    from mla_plugin.vllm.registration import GLA, requested_backend
-
-    return requested_backend(get_current_vllm_config()) == GLA
+    return requested_backend(get_current_vllm_config()) == GLA_BACKEND_NAME
 
 
 def patch_deepseek_v2(module) -> None:
-    """Replace the module's DeepseekV2MLAAttention by a factory (idempotent)."""
+    """Replace the module's DeepseekV2MLAAttention by a factory (idempotent).
+
+    Runs right after vLLM imports the module; first checks the touch points in it.
+    """
+    from mla_plugin.vllm import touch_points
+
     original = module.DeepseekV2MLAAttention
-    if getattr(original, "_mla_plugin_original", None) is not None:
+    if getattr(original, touch_points.ORIGINAL, None) is not None:
         return
+    touch_points.verify(touch_points.DEEPSEEK_IMPORT)
 
     def attention_factory(*args, **kwargs):
         from mla_plugin.checkpoint_format import format_of
@@ -29,14 +34,13 @@ def patch_deepseek_v2(module) -> None:
         fmt = format_of(config)
         if sharded_layout_requested():
             from mla_plugin.vllm.gla_attention import ShardedLatentDeepseekAttention
-            from mla_plugin.vllm.registration import GLA, on_backend_selected
 
             if not fmt.is_stock:
                 raise NotImplementedError(
                     "the sharded-latent variant does not serve checkpoints converted from GQA "
                     "(no latent RMSNorm / biases / explicit rope frequencies) yet; serve it with "
                     "--attention-backend mla_plugin")
-            on_backend_selected(GLA)
+            on_backend_selected(GLA_BACKEND_NAME)
             return ShardedLatentDeepseekAttention(*args, **kwargs)
         attn = original(*args, **kwargs)
         if not fmt.is_stock:
@@ -45,5 +49,5 @@ def patch_deepseek_v2(module) -> None:
             apply_checkpoint_format(attn, config, kwargs.get("prefix", ""))
         return attn
 
-    attention_factory._mla_plugin_original = original
+    setattr(attention_factory, touch_points.ORIGINAL, original)
     module.DeepseekV2MLAAttention = attention_factory

@@ -1,11 +1,16 @@
 """The MLA_PLUGIN_GLA backend: attention over this rank's slices of a sharded latent.
 
-Each rank caches ``[ĉ_local | k^R]`` (d_c * shards_per_rank / g + d_R values per token)
+Each rank caches ``[ĉ_local | k^R]`` (d_loc + d_R values per token, d_loc = d_c · g_loc / g)
 and computes every head over its slices. Prefill and decode both run the absorbed form
 over the paged cache (``mla_plugin.ops.sharded_latent``), because exact and grouped
 softmax couple the slices in ways the expanded per-rank prefill cannot express.
-Layers of this backend are built by ``mla_plugin.vllm.gla_attention``; the softmax mode
-and the slices this rank holds reach the impl through ``ShardRuntime``.
+Layers of this backend are built by ``mla_plugin.vllm.gla_attention``, which hands the
+impl the sharding plan (``plan=``, through vLLM's MLA layer) and, after loading, this
+rank's folded W_UK / W_UV (``use_up_projection``).
+
+Names: vLLM's ``kv_lora_rank`` on this impl is the width of the latent part of a cache
+row, that is this rank's ``local_latent_dim`` (d_loc = d_c · g_loc / g), not d_c; our code
+says ``self.local_latent_dim`` (= ``self.plan.local_latent_dim``).
 """
 
 from dataclasses import dataclass
@@ -13,7 +18,9 @@ from typing import ClassVar
 
 import torch
 
-from mla_plugin.ops.sharded_latent import paged_sharded_latent_attention
+from mla_plugin import GLA_BACKEND_NAME
+from mla_plugin.gla_options import ShardingPlan
+from mla_plugin.ops import LatentSlices, paged_latent_attention
 from mla_plugin.vllm.compat import AttentionLayer, MLACommonMetadataBuilder
 from mla_plugin.vllm.mla_backend import (
     MLAPluginBackend,
@@ -21,9 +28,6 @@ from mla_plugin.vllm.mla_backend import (
     MLAPluginMetadata,
     note_decode_call,
 )
-
-GLA_BACKEND_NAME = "MLA_PLUGIN_GLA"
-
 
 @dataclass
 class ShardedLatentMetadata(MLAPluginMetadata):
@@ -45,17 +49,6 @@ class ShardedLatentMetadataBuilder(MLACommonMetadataBuilder[ShardedLatentMetadat
         return metadata
 
 
-@dataclass(frozen=True)
-class ShardRuntime:
-    """What the impl needs to know about the slices this rank holds."""
-
-    shards: int  # g
-    shard_offset: int  # first global slice on this rank
-    shards_local: int  # slices on this rank
-    softmax: str  # exact / partitioned / grouped
-    tp_size: int
-
-
 class MLAPluginGLABackend(MLAPluginBackend):
     @staticmethod
     def get_name() -> str:
@@ -74,45 +67,58 @@ class ShardedLatentImpl(MLAPluginImpl):
     can_return_lse_for_decode: bool = False
     backend_name: ClassVar[str] = GLA_BACKEND_NAME
 
-    def __init__(self, *args, sharding: ShardRuntime | None = None, **kwargs) -> None:
-        if sharding is None:
+    def __init__(self, *args, plan: ShardingPlan | None = None, **kwargs) -> None:
+        if plan is None:
             raise ValueError(
                 f"{GLA_BACKEND_NAME} layers are built by mla_plugin's sharded-latent attention "
                 "module (DeepSeek-V2-style models); this layer was not."
             )
         super().__init__(*args, **kwargs)
-        self.sharding = sharding
+        if self.kv_lora_rank != plan.local_latent_dim:
+            raise ValueError(f"{GLA_BACKEND_NAME}: the layer's cache latent width {self.kv_lora_rank} is not "
+                             f"the plan's local_latent_dim {plan.local_latent_dim}")
+        self.plan = plan
+        self.local_latent_dim = plan.local_latent_dim  # d_loc: latent values per cache row on this rank
         self._up_proj: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @property
+    def sharding(self) -> ShardingPlan:
+        """Older name of ``plan``."""
+        return self.plan
+
     def _all_reduce(self):
-        if self.sharding.tp_size == 1:
+        if self.plan.tp_size == 1:
             return None
-        from vllm.distributed import tensor_model_parallel_all_reduce
+        from mla_plugin.vllm.compat import tensor_model_parallel_all_reduce
 
         return tensor_model_parallel_all_reduce
 
-    def _attend(self, q_latent, q_rope, cache, query_start_loc, seq_lens, block_table):
-        return paged_sharded_latent_attention(
+    def _attend(self, q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, *,
+                max_query_len: int, max_seq_len: int):
+        """The ops seam over this rank's slices; the bounds are host ints from the metadata."""
+        slices = LatentSlices(num_shards=self.plan.shards, shard_offset=self.plan.shard_offset,
+                              shards_local=self.plan.shards_local, softmax=self.plan.softmax)
+        return paged_latent_attention(
             q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, self.scale,
-            num_shards=self.sharding.shards, shard_offset=self.sharding.shard_offset,
-            shards_local=self.sharding.shards_local, softmax_mode=self.sharding.softmax,
-            all_reduce=self._all_reduce(),
+            slices=slices, all_reduce=self._all_reduce(),
+            max_query_len=max_query_len, max_seq_len=max_seq_len,
         )
 
-    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
-        """Keep W_UK [H, d_nope, d_loc] and W_UV [H, d_v, d_loc] of this rank's slices.
+    def use_up_projection(self, w_uk: torch.Tensor, w_uv: torch.Tensor) -> None:
+        """This rank's folded W_UK [H, d_nope, d_loc] and W_UV [H, d_v, d_loc] (sharded_weights.py)."""
+        expected = (self.num_heads, self.local_latent_dim)
+        if (w_uk.shape[0], w_uk.shape[-1]) != expected or (w_uv.shape[0], w_uv.shape[-1]) != expected:
+            raise ValueError(f"{GLA_BACKEND_NAME}: up-projections {tuple(w_uk.shape)} / {tuple(w_uv.shape)} "
+                             f"are not [H={expected[0]}, d, d_loc={expected[1]}]")
+        self._up_proj = (w_uk, w_uv)
 
-        MLAAttention calls this after the owning module has prepared kv_b_proj (γ,
-        basis and logit scale folded in, our slices kept) and before it may free it.
-        """
-        weight = self.kv_b_proj.weight  # [H * (d_nope + d_v), d_loc]
-        per_head = weight.detach().view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, -1)
-        w_uk, w_uv = per_head.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
-        self._up_proj = (w_uk.contiguous(), w_uv.contiguous())
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        """Nothing to do: the layer folds the weights once and hands them over (use_up_projection)."""
 
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._up_proj is None:
-            raise RuntimeError(f"{GLA_BACKEND_NAME}: weights used before process_weights_after_loading")
+            raise RuntimeError(f"{GLA_BACKEND_NAME}: weights used before the layer folded them "
+                               "(process_weights_after_loading of the sharded-latent layer)")
         return self._up_proj
 
     def forward_mqa(self, q, kv_c_and_k_pe_cache, attn_metadata: ShardedLatentMetadata,
@@ -126,9 +132,10 @@ class ShardedLatentImpl(MLAPluginImpl):
                          f"shards={self.sharding.shard_offset}+{self.sharding.shards_local}/"
                          f"{self.sharding.shards} softmax={self.sharding.softmax}")
         batch = attn_metadata.num_decodes
-        starts = torch.arange(batch + 1, device=q_latent.device)
-        out = self._attend(q_latent, q_rope, kv_c_and_k_pe_cache, starts,
-                           attn_metadata.seq_lens_all[:batch], attn_metadata.block_table_all[:batch])
+        # Decodes come first, one query each (MLACommonMetadataBuilder: SINGLE_ONLY).
+        out = self._attend(q_latent, q_rope, kv_c_and_k_pe_cache, attn_metadata.query_start_loc[: batch + 1],
+                           attn_metadata.seq_lens_all[:batch], attn_metadata.block_table_all[:batch],
+                           max_query_len=1, max_seq_len=attn_metadata.max_seq_len)
         return out, None
 
     def forward_mha(self, q, kv_c_normed, k_pe, kv_c_and_k_pe_cache,
@@ -144,6 +151,8 @@ class ShardedLatentImpl(MLAPluginImpl):
         starts = starts - starts[0]
         latent_out = self._attend(q_latent, q_rope, kv_c_and_k_pe_cache, starts,
                                   attn_metadata.seq_lens_all[first:last],
-                                  attn_metadata.block_table_all[first:last])  # [T, H, d_loc]
+                                  attn_metadata.block_table_all[first:last],
+                                  max_query_len=attn_metadata.max_query_len,
+                                  max_seq_len=attn_metadata.max_seq_len)  # [T, H, d_loc]
         out = torch.einsum("thc,hvc->thv", latent_out, w_uv)  # [T, H, d_v]
         output.view(tokens, self.num_heads, self.v_head_dim).copy_(out)

@@ -7,6 +7,7 @@ from ``mla_plugin.ops``. Unlike CPU_MLA it takes any latent and rope width and a
 block size.
 """
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from mla_plugin import MLA_BACKEND_NAME
-from mla_plugin.ops import paged_latent_decode, write_latent_cache
+from mla_plugin.ops import paged_latent_attention, write_latent_cache
 from mla_plugin.vllm.compat import (
     AttentionLayer,
     MLACommonBackend,
@@ -60,6 +61,27 @@ def check_kv_cache_dtype(kv_cache_dtype: str, backend_name: str = MLA_BACKEND_NA
             f"--attention-backend {backend_name.lower()} does not support "
             f"kv_cache_dtype={kv_cache_dtype!r}; use one of {SUPPORTED_KV_CACHE_DTYPES} "
             "(quantised latent caches are not implemented)."
+        )
+
+
+def check_mla_args(mla_args: dict, backend_name: str) -> None:
+    """Every MLA argument vLLM's layer passes must reach MLACommonImpl: none is dropped.
+
+    An argument MLACommonImpl.__init__ does not take means vLLM changed the contract
+    between its MLA layer and its impls (touch point "MLA impl"): fail with one message.
+    """
+    parameters = inspect.signature(MLACommonImpl.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    unknown = sorted(set(mla_args) - set(parameters))
+    if unknown:
+        from mla_plugin.vllm.compat import vllm_version
+
+        raise TypeError(
+            f"{backend_name}: vLLM {vllm_version()}'s MLA layer passes {unknown} to the attention "
+            f"impl, which MLACommonImpl.__init__ does not take (it takes {[p for p in parameters if p != 'self']}). "
+            "vLLM changed the MLA impl contract (touch point 'MLA impl' in "
+            "mla_plugin/vllm/touch_points.py); use a vLLM version mla_plugin supports."
         )
 
 
@@ -135,12 +157,11 @@ class MLAPluginImpl(MLACommonImpl[MLAPluginMetadata]):
             raise NotImplementedError(
                 f"{self.backend_name}: alibi, sliding window and logit soft-capping are not supported"
             )
-        known = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                 "qk_head_dim", "v_head_dim", "kv_b_proj", "indexer", "q_pad_num_heads")
+        check_mla_args(mla_args, self.backend_name)
         super().__init__(
             num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window,
             kv_cache_dtype, logits_soft_cap, attn_type, kv_sharing_target_layer_name,
-            **{k: v for k, v in mla_args.items() if k in known},
+            **mla_args,
         )
         # Our decode takes the (q_latent, q_rope) pair as it is: no fp8 query path.
         self.supports_quant_query_input = False
@@ -170,6 +191,11 @@ class MLAPluginImpl(MLACommonImpl[MLAPluginMetadata]):
             f"d_c={self.kv_lora_rank} d_R={self.qk_rope_head_dim} "
             f"block_size={kv_c_and_k_pe_cache.shape[1]} dtype={kv_c_and_k_pe_cache.dtype}",
         )
-        return paged_latent_decode(
-            q_latent, q_rope, kv_c_and_k_pe_cache, decode.block_table, decode.seq_lens, self.scale
+        batch = attn_metadata.num_decodes
+        # Decodes come first, one query each (MLACommonMetadataBuilder: SINGLE_ONLY); the
+        # batch's max_seq_len (a host int) bounds their context without reading seq_lens.
+        return paged_latent_attention(
+            q_latent, q_rope, kv_c_and_k_pe_cache, attn_metadata.query_start_loc[: batch + 1],
+            decode.seq_lens, decode.block_table, self.scale,
+            max_query_len=1, max_seq_len=attn_metadata.max_seq_len, return_lse=True,
         )

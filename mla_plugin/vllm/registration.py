@@ -2,6 +2,8 @@
 
 What ``register()`` does, idempotently:
 
+0. Checks every vLLM internal the plugin relies on (touch_points.py) and fails with one
+   message naming the vLLM version and what moved, before touching anything.
 1. Adds ``MLA_PLUGIN`` to vLLM's ``AttentionBackendEnum`` so ``--attention-backend
    mla_plugin`` (any case) parses. The new member pickles *by reference* to
    :func:`backend_member`, so a spawned process that unpickles a config naming it
@@ -14,6 +16,8 @@ What ``register()`` does, idempotently:
 4. Wraps the platform's config check to reject bad requests early and clearly (a model
    without MLA, a quantised KV cache) and to keep a user-chosen block size, which
    the CPU platform otherwise forces to 16 for every MLA model.
+5. Has vLLM's DeepSeek-V2 attention replaced, once that module is imported, where the
+   sharded-latent layout or a converted checkpoint asks for it (deepseek_hook.py).
 
 With no request for our backends, nothing vLLM does changes.
 """
@@ -21,24 +25,24 @@ With no request for our backends, nothing vLLM does changes.
 import functools
 import logging
 
-logger = logging.getLogger("vllm.mla_plugin")
+from mla_plugin import GLA_BACKEND_NAME, MLA_BACKEND_NAME
+from mla_plugin.vllm.backends import BACKENDS, on_backend_selected, requested_backend
 
-# enum member name -> backend class path
-BACKENDS: dict[str, str] = {
-    "MLA_PLUGIN": "mla_plugin.vllm.mla_backend.MLAPluginBackend",
-    "MLA_PLUGIN_GLA": "mla_plugin.vllm.gla_backend.MLAPluginGLABackend",
-}
-GLA = "MLA_PLUGIN_GLA"
+logger = logging.getLogger("vllm.mla_plugin")
 
 _HOOK_MARK = "_mla_plugin_hooked"
 
 
 def register() -> None:
     """Entry point; safe to call any number of times in any process."""
-    from mla_plugin.vllm.deepseek_hook import DEEPSEEK_V2, patch_deepseek_v2
-    from mla_plugin.vllm.import_hook import when_imported
+    from mla_plugin.vllm import touch_points
 
-    from mla_plugin.vllm.compat import SUPPORTED_VLLM, vllm_version, vllm_version_supported
+    if not getattr(register, "_verified", False):
+        touch_points.verify(touch_points.REGISTRATION)  # one clear error if vLLM moved something
+        register._verified = True
+    from mla_plugin.vllm.compat import DEEPSEEK_V2_MODULE, SUPPORTED_VLLM, vllm_version, vllm_version_supported
+    from mla_plugin.vllm.deepseek_hook import patch_deepseek_v2
+    from mla_plugin.vllm.import_hook import when_imported
 
     if not vllm_version_supported() and not getattr(register, "_warned", False):
         register._warned = True
@@ -48,18 +52,7 @@ def register() -> None:
         backend_member(name)
     _install_platform_hooks()
     # The sharded-latent layout replaces DeepseekV2's attention module where requested.
-    when_imported(DEEPSEEK_V2, patch_deepseek_v2)
-
-
-def on_backend_selected(name: str) -> None:
-    """One of our backends serves layers in this process."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        from mla_plugin.vllm import cpu_rope_fix
-
-        cpu_rope_fix.activate()
-    logger.info("mla_plugin: using the %s attention backend", name)
+    when_imported(DEEPSEEK_V2_MODULE, patch_deepseek_v2)
 
 
 def _reduce_member(name: str, _protocol=None):
@@ -85,14 +78,6 @@ def backend_member(name: str):
     return member
 
 
-def requested_backend(vllm_config) -> str | None:
-    """Name of our backend the config asks for, if any."""
-    attention_config = getattr(vllm_config, "attention_config", None)
-    backend = getattr(attention_config, "backend", None)
-    name = getattr(backend, "name", None)
-    return name if name in BACKENDS else None
-
-
 def validate_request(vllm_config, name: str) -> None:
     """Raise one clear error for a request our backend cannot serve."""
     from mla_plugin.vllm.mla_backend import check_kv_cache_dtype
@@ -110,8 +95,8 @@ def validate_request(vllm_config, name: str) -> None:
     cache_config = vllm_config.cache_config
     if cache_config is not None:
         check_kv_cache_dtype(str(cache_config.cache_dtype), name)
-    if name == GLA and model_config is not None:
-        from mla_plugin.gla_options import sharding_for
+    if name == GLA_BACKEND_NAME and model_config is not None:
+        from mla_plugin.gla_options import plan_for
 
         hf_config = model_config.hf_config
         if getattr(hf_config, "model_type", None) != "deepseek_v2":
@@ -119,7 +104,7 @@ def validate_request(vllm_config, name: str) -> None:
                 f"--attention-backend {name.lower()} serves DeepSeek-V2 checkpoints "
                 f"(model_type deepseek_v2); {model_config.model!r} is {hf_config.model_type!r}."
             )
-        sharding_for(hf_config, vllm_config.parallel_config.tensor_parallel_size)
+        plan_for(hf_config, tp_size=vllm_config.parallel_config.tensor_parallel_size)
 
 
 def declared_layout_backend(vllm_config) -> str | None:
@@ -133,14 +118,14 @@ def declared_layout_backend(vllm_config) -> str | None:
     hf_config = getattr(model_config, "hf_config", None)
     options = getattr(hf_config, CONFIG_KEY, None)
     if isinstance(options, dict) and options.get("layout") == "sharded_latent":
-        return GLA
+        return GLA_BACKEND_NAME
     if isinstance(options, dict) and not format_of(hf_config).is_stock:
-        return "MLA_PLUGIN"
+        return MLA_BACKEND_NAME
     return None
 
 
 def _install_platform_hooks() -> None:
-    from vllm.platforms import current_platform
+    from mla_plugin.vllm.compat import current_platform
 
     platform_cls = type(current_platform)
     if platform_cls.__dict__.get(_HOOK_MARK):

@@ -1,8 +1,11 @@
-"""Random paged latent caches for tests: permuted block tables, NaN in every unused slot."""
+"""Random paged latent caches and batches for tests: permuted block tables, NaN in every
+unused slot, padded query rows; and the per-request views the float64 oracles take."""
 
 from dataclasses import dataclass
 
 import torch
+
+from mla_plugin.ops.reference import causal_absorbed_attention
 
 
 @dataclass
@@ -52,3 +55,47 @@ def make_paged_case(
         latents=latents,
         rope_keys=rope_keys,
     )
+
+
+# (q_len, seq_len) per request: a prefill on top of a cached prefix, a fresh prefill,
+# and decodes at different lengths.
+MIXED_REQUESTS = [(9, 23), (1, 1), (1, 40), (5, 5), (1, 17)]
+
+
+def make_batch(requests, d_c, d_r, heads, block_size, dtype, gen, padded_rows: int = 2):
+    """A NaN-poisoned paged case plus random queries; returns (case, q_lat, q_rope, qsl).
+
+    ``requests`` is a list of (q_len, seq_len); ``padded_rows`` query rows follow the last
+    request (padding the attention must leave zero).
+    """
+    q_lens = [q for q, _ in requests]
+    case = make_paged_case([n for _, n in requests], d_c, d_r, block_size, dtype, gen)
+    tokens = sum(q_lens) + padded_rows
+    q_lat = torch.randn(tokens, heads, d_c, generator=gen, dtype=torch.float64).to(dtype)
+    q_rope = torch.randn(tokens, heads, d_r, generator=gen, dtype=torch.float64).to(dtype)
+    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+    return case, q_lat, q_rope, qsl
+
+
+def per_request(tensor, qsl):
+    """Split [T, ...] rows by query_start_loc into float64 pieces."""
+    bounds = qsl.tolist()
+    return [tensor[a:b].double() for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def rank_view(cache, q_lat, d_c, num_shards, offset, local):
+    """The cache and queries one rank sees: its latent slices, then the full rope key."""
+    d_s = d_c // num_shards
+    cols = slice(offset * d_s, (offset + local) * d_s)
+    rank_cache = torch.cat([cache[..., cols], cache[..., d_c:]], dim=-1)  # [nb, bs, d_loc + d_R]
+    return rank_cache, q_lat[..., cols]
+
+
+def random_logit_scale(heads, num_shards, gen):
+    return 0.5 + 2.0 * torch.rand(heads, num_shards, generator=gen, dtype=torch.float64)
+
+
+def mla_reference(q_lat, q_rope, qsl, case, scale):
+    """Unsharded causal MLA per request (float64 oracle): list of out[q_len, H, d_c]."""
+    pieces = zip(per_request(q_lat, qsl), per_request(q_rope, qsl), case.latents, case.rope_keys)
+    return [causal_absorbed_attention(ql, qr, lat, kr, scale)[0] for ql, qr, lat, kr in pieces]

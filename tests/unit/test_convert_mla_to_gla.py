@@ -7,24 +7,16 @@ import sys
 import pytest
 import torch
 
-from mla_plugin.convert.mla_to_gla import ConversionError, convert_mla_to_gla
-from mla_plugin.fixtures import make_tiny_deepseek_v2, make_tiny_llama
-
-TEXT_IDS = [0, 54, 260, 3576, 379, 12, 901, 77, 1200, 45, 3000, 18, 640, 2222, 9, 31]
+from mla_plugin.convert.mla_to_gla import convert_mla_to_gla
+from mla_plugin.convert.pipeline import ConversionError
+from mla_plugin.fixtures import make_tiny_llama
+from tests.converters import tiny_deepseek
+from tests.converters import transformers_logprobs as _logprobs
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return make_tiny_deepseek_v2(tmp_path_factory.mktemp("src"), seed=21, kv_lora_rank=128,
-                                 qk_rope_head_dim=32, num_heads=4)
-
-
-def _logprobs(path):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return torch.log_softmax(model(torch.tensor([TEXT_IDS])).logits[0].double(), -1)
+    return tiny_deepseek(tmp_path_factory.mktemp("src"))
 
 
 @pytest.mark.parametrize("basis", ["identity", "hadamard", "pca"])
@@ -94,3 +86,15 @@ def test_bad_inputs_are_clear_errors(tiny, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mla_plugin.cli", "convert", "mla-to-gla", str(llama),
                            str(tmp_path / "z"), "--shards", "2"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "converts DeepSeek-V2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_defaults_are_the_python_defaults():
+    import inspect
+
+    from mla_plugin.cli import build_parser
+
+    args = build_parser().parse_args(["convert", "mla-to-gla", "SRC", "DST", "--shards", "2"])
+    params = inspect.signature(convert_mla_to_gla).parameters
+    for name in ("softmax", "rmsnorm", "basis", "logit_scale", "calibrate", "calib_tokens", "calib_window"):
+        assert getattr(args, name) == params[name].default, name
+    assert args.basis == "hadamard"

@@ -1,11 +1,22 @@
+"""MLA through the paged seam (one slice, exact), the cache write, and the no-host-sync rule."""
+
 import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from mla_plugin.ops import gather_sequence, paged_latent_decode, write_latent_cache
+from mla_plugin.ops import LatentSlices, gather_sequence, paged_latent_attention, write_latent_cache
 from mla_plugin.ops.reference import absorbed_attention, expanded_attention
-from tests.unit.paged_cases import make_paged_case
+from tests.unit.paged_cases import MIXED_REQUESTS, make_batch, make_paged_case, mla_reference, per_request
+
+
+def paged_decode(q_lat, q_rope, cache, block_table, seq_lens, scale, **kwargs):
+    """One query per request through the seam, as MLA_PLUGIN's forward_mqa calls it."""
+    starts = torch.arange(q_lat.shape[0] + 1, dtype=torch.int32)
+    return paged_latent_attention(
+        q_lat, q_rope, cache, starts, seq_lens, block_table, scale, return_lse=True, **kwargs
+    )
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
@@ -29,10 +40,11 @@ def test_paged_decode_matches_float64_reference(d_c, d_r, heads, block_size, dty
     q_lat_d, q_rope_d = q_lat.to(dtype), q_rope.to(dtype)
     scale = 1.0 / math.sqrt(d_c + d_r)
 
-    # Small chunks force the split-context merge path as well.
-    for chunk in (None, max(1, block_size)):
-        out, lse = paged_latent_decode(
-            q_lat_d, q_rope_d, case.cache, case.block_table, case.seq_lens, scale, chunk_tokens=chunk
+    # Small chunks force the split-context merge path as well; hints are what vLLM passes.
+    hints = dict(max_query_len=1, max_seq_len=max(seq_lens))
+    for chunk, bounds in ((None, {}), (None, hints), (max(1, block_size), {}), (max(1, block_size), hints)):
+        out, lse = paged_decode(
+            q_lat_d, q_rope_d, case.cache, case.block_table, case.seq_lens, scale, chunk_tokens=chunk, **bounds
         )
         assert out.shape == (len(seq_lens), heads, d_c) and out.dtype == dtype
         assert lse.shape == (len(seq_lens), heads)
@@ -66,7 +78,7 @@ def test_absorbed_equals_expanded(rng):
     case = make_paged_case([length], d_c, d_r, block_size, torch.float64, gen)
     case_latent, case_rope = case.latents[0], case.rope_keys[0]
     ref_out, ref_lse = expanded_attention(q_nope, q_rope, case_latent, case_rope, w_uk, w_uv, scale)
-    paged_out, paged_lse = paged_latent_decode(
+    paged_out, paged_lse = paged_decode(
         q_latent[None], q_rope[None], case.cache, case.block_table, case.seq_lens, scale
     )
     torch.testing.assert_close(torch.einsum("hc,hvc->hv", paged_out[0], w_uv), ref_out)
@@ -106,7 +118,7 @@ def test_write_then_decode_round_trip(rng):
         gather_sequence(cache, block_table[0], length), torch.cat([latent, k_pe], dim=-1)
     )
     q_lat, q_rope = torch.randn(1, heads, d_c, generator=gen), torch.randn(1, heads, d_r, generator=gen)
-    out, lse = paged_latent_decode(q_lat, q_rope, cache, block_table, torch.tensor([length]), 0.2)
+    out, lse = paged_decode(q_lat, q_rope, cache, block_table, torch.tensor([length]), 0.2)
     ref_out, ref_lse = absorbed_attention(q_lat[0], q_rope[0], latent.double(), k_pe.double(), 0.2)
     torch.testing.assert_close(out[0].double(), ref_out, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse[0].double(), ref_lse, atol=2e-5, rtol=2e-5)
@@ -115,9 +127,159 @@ def test_write_then_decode_round_trip(rng):
 def test_shape_errors_are_clear():
     cache = torch.zeros(2, 4, 10)
     with pytest.raises(ValueError, match="row width"):
-        paged_latent_decode(
+        paged_decode(
             torch.zeros(1, 2, 8), torch.zeros(1, 2, 4), cache, torch.zeros(1, 2, dtype=torch.int32),
             torch.tensor([3]), 1.0,
         )
     with pytest.raises(ValueError, match="cache row width"):
         write_latent_cache(torch.zeros(2, 8), torch.zeros(2, 4), cache, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_requests_and_padded_rows(dtype, rng):
+    """An empty request (L = 0, a CUDA-graph pad) gives out 0, lse -inf; padded rows stay 0."""
+    d_c, d_r, heads, block_size = 32, 8, 2, 4
+    seq_lens = [6, 0, 9, 0]
+    case = make_paged_case([max(n, 1) for n in seq_lens], d_c, d_r, block_size, dtype, rng)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    tokens = len(seq_lens) + 3  # three padded query rows
+    q_lat = torch.randn(tokens, heads, d_c, generator=rng, dtype=torch.float64).to(dtype)
+    q_rope = torch.randn(tokens, heads, d_r, generator=rng, dtype=torch.float64).to(dtype)
+    starts = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    for bounds in ({}, dict(max_query_len=1, max_seq_len=max(seq_lens))):
+        out, lse = paged_latent_attention(
+            q_lat, q_rope, case.cache, starts, lens, case.block_table, 0.3, return_lse=True, **bounds
+        )
+        assert out.dtype == dtype and lse.dtype == dtype  # float32 LSE for float32, float64 for float64
+        assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+        for b, n in enumerate(seq_lens):
+            if n == 0:
+                assert (out[b] == 0).all() and (lse[b] == float("-inf")).all()
+            else:
+                ref_out, ref_lse = absorbed_attention(
+                    q_lat[b].double(), q_rope[b].double(), case.latents[b][:n], case.rope_keys[b][:n], 0.3
+                )
+                tol = 2e-5 if dtype == torch.float32 else 1e-10
+                torch.testing.assert_close(out[b].double(), ref_out, atol=tol, rtol=tol)
+                torch.testing.assert_close(lse[b].double(), ref_lse, atol=tol, rtol=tol)
+        assert (out[len(seq_lens) :] == 0).all() and (lse[len(seq_lens) :] == float("-inf")).all()
+
+
+def test_mixed_prefill_and_decode_lse(rng):
+    """Several queries per request (a prefill over a cached prefix) with the log-sum-exp."""
+    d_c, d_r, heads, block_size = 32, 16, 4, 8
+    case, q_lat, q_rope, qsl = make_batch(MIXED_REQUESTS, d_c, d_r, heads, block_size, torch.float64, rng)
+    scale = 1.0 / math.sqrt(d_c + d_r)
+    out, lse = paged_latent_attention(
+        q_lat, q_rope, case.cache, qsl, case.seq_lens, case.block_table, scale, return_lse=True,
+        max_query_len=9, max_seq_len=40, chunk_tokens=block_size,
+    )
+    for got, want in zip(per_request(out, qsl), mla_reference(q_lat, q_rope, qsl, case, scale)):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+    bounds = qsl.tolist()
+    for b, (a, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        length = case.latents[b].shape[0]
+        for i in range(e - a):
+            visible = length - (e - a) + i + 1
+            _, ref_lse = absorbed_attention(
+                q_lat[a + i], q_rope[a + i], case.latents[b][:visible], case.rope_keys[b][:visible], scale
+            )
+            torch.testing.assert_close(lse[a + i], ref_lse, atol=1e-10, rtol=1e-10)
+
+
+# ---- no host synchronisation ---------------------------------------------------------
+
+# aten ops that read a tensor's value on the host (or whose output size does: a sync on CUDA).
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "_unique2"}
+
+
+# Indexing with a boolean mask has a data-dependent size too (nonzero on CUDA).
+MASK_INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+
+class HostSyncDetector(TorchDispatchMode):
+    """Fails on any aten op that needs a tensor's value on the host."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in HOST_SYNC_OPS:
+            raise AssertionError(f"host synchronisation: aten.{name}")
+        if name in MASK_INDEX_OPS and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
+        ):
+            raise AssertionError(f"host synchronisation: aten.{name} with a boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+def forbid_host_reads(monkeypatch):
+    """Python-level reads of tensor values (``.item()``, ``.tolist()``, ``bool``/``int``/index)."""
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise AssertionError(f"host synchronisation: Tensor.{name}")
+
+        return method
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+
+
+def test_host_sync_detectors_work(monkeypatch):
+    x = torch.tensor([1.0, 0.0])
+    with HostSyncDetector(), pytest.raises(AssertionError, match="host synchronisation"):
+        x.max().item()
+    with HostSyncDetector(), pytest.raises(AssertionError, match="host synchronisation"):
+        x[x > 0]
+    with HostSyncDetector(), pytest.raises(AssertionError, match="host synchronisation"):
+        torch.nonzero(x)
+    with monkeypatch.context() as m:
+        forbid_host_reads(m)
+        with pytest.raises(AssertionError, match="host synchronisation"):
+            x.tolist()
+        with pytest.raises(AssertionError, match="host synchronisation"):
+            bool(x[0])
+
+
+CALLS = [  # (softmax, num_shards, shards_local, with an all-reduce, queries per request)
+    ("exact", 1, 1, False, "decode"),  # MLA_PLUGIN's forward_mqa
+    ("exact", 1, 1, False, "mixed"),
+    ("exact", 2, 1, True, "decode"),  # a TP rank of MLA_PLUGIN_GLA
+    ("exact", 2, 1, True, "mixed"),
+    ("partitioned", 2, 2, False, "decode"),
+    ("grouped", 2, 1, False, "mixed"),
+]
+
+
+@pytest.mark.parametrize("softmax,num_shards,shards_local,reduce,queries", CALLS)
+@pytest.mark.parametrize("hints", [True, False])
+def test_no_host_synchronisation(softmax, num_shards, shards_local, reduce, queries, hints, monkeypatch, rng):
+    """No tensor value is read on the host, so a GPU never stalls and CUDA graphs can capture it."""
+    d_c, d_r, heads, block_size = 32, 8, 4, 4
+    requests = [(1, n) for n in (5, 1, 13, 8)] if queries == "decode" else MIXED_REQUESTS
+    case, q_lat, q_rope, qsl = make_batch(requests, d_c, d_r, heads, block_size, torch.float32, rng)
+    d_loc = d_c * shards_local // num_shards
+    cache = torch.cat([case.cache[..., :d_loc], case.cache[..., d_c:]], dim=-1)
+    slices = LatentSlices(num_shards=num_shards, shards_local=shards_local, softmax=softmax)
+    bounds = dict(max_query_len=max(q for q, _ in requests), max_seq_len=max(n for _, n in requests))
+    reduce_calls = []
+    kwargs = dict(
+        slices=slices, chunk_tokens=2 * block_size, return_lse=softmax == "exact",
+        all_reduce=(lambda t: reduce_calls.append(t.shape)) if reduce else None, **(bounds if hints else {}),
+    )
+    args = (q_lat[..., :d_loc], q_rope, cache, qsl, case.seq_lens, case.block_table, 0.25)
+    expected = paged_latent_attention(*args, **kwargs)
+    with monkeypatch.context() as m:
+        forbid_host_reads(m)
+        with HostSyncDetector():
+            result = paged_latent_attention(*args, **kwargs)
+    for got, want in zip(result if isinstance(result, tuple) else (result,),
+                         expected if isinstance(expected, tuple) else (expected,)):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert not reduce or reduce_calls
+
+
+def test_cache_must_be_slot_rows():
+    cache = torch.zeros(4, 3, 10).transpose(0, 1)  # [3 blocks, 4 slots, 10]: slots not one run of rows
+    with pytest.raises(ValueError, match="one run of rows"):
+        paged_decode(torch.zeros(1, 2, 8), torch.zeros(1, 2, 2), cache, torch.zeros(1, 2, dtype=torch.int32),
+                     torch.tensor([3]), 1.0)

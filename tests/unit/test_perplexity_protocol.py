@@ -8,14 +8,16 @@ import pytest
 import torch
 
 from mla_plugin.eval.perplexity import (
+    DEFAULT_DTYPE,
+    DEFAULT_ENGINE,
+    DEFAULT_WINDOW,
     TextUnavailableError,
     load_text,
-    make_windows,
     perplexity,
     perplexity_from_window_nlls,
-    tokenize_once,
 )
 from mla_plugin.fixtures import make_tiny_deepseek_v2
+from mla_plugin.text_windows import make_windows, tokenize_once
 
 TEXT = "\n\n".join([
     " = Valkyria Chronicles III = ",
@@ -68,7 +70,7 @@ def test_transformers_engine_equals_an_independent_loop(tiny_model, window, max_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     result = perplexity(tiny_model, engine="transformers", text=TEXT, window=window,
-                        max_windows=max_windows, show_progress=False)
+                        max_windows=max_windows, dtype="float32", show_progress=False)
 
     # the independent loop: transformers' own loss over each window
     tok = AutoTokenizer.from_pretrained(tiny_model)
@@ -113,7 +115,7 @@ def test_cli_json_output(tiny_model, tmp_path):
     assert (result["engine"], result["window"], result["windows"], result["tokens_scored"]) == (
         "transformers", 16, 4, 4 * 15)
     direct = perplexity(tiny_model, engine="transformers", text=TEXT, window=16, max_windows=4,
-                        show_progress=False)
+                        dtype="float32", show_progress=False)
     assert result["ppl"] == pytest.approx(direct.ppl, rel=1e-9)
 
 
@@ -126,3 +128,23 @@ def test_cli_rejects_vllm_options_for_transformers(tiny_model, tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2 and "need --engine vllm" in proc.stderr
+
+
+def test_windowing_imports_neither_vllm_nor_transformers():
+    """The converters cut calibration windows with the protocol's own code, without the engines."""
+    code = ("import sys, mla_plugin.text_windows; "
+            "print(sorted(m for m in ('vllm', 'transformers', 'torch') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_cli_defaults_are_the_python_defaults():
+    import inspect
+
+    from mla_plugin.cli import build_parser
+
+    args = build_parser().parse_args(["ppl", "MODEL"])
+    params = inspect.signature(perplexity).parameters
+    assert (args.engine, args.window, args.dtype) == (DEFAULT_ENGINE, DEFAULT_WINDOW, DEFAULT_DTYPE)
+    assert (params["engine"].default, params["window"].default, params["dtype"].default) == (
+        DEFAULT_ENGINE, DEFAULT_WINDOW, DEFAULT_DTYPE)

@@ -12,19 +12,19 @@ from mla_plugin.ops.latent_basis import (
     hadamard_matrix,
     pca_basis_from_weights,
 )
-from mla_plugin.ops.reference import absorbed_attention
-from mla_plugin.ops.sharded_latent import (
-    latent_rmsnorm,
-    paged_sharded_latent_attention,
-    reference_sharded_latent_attention,
+from mla_plugin.ops.paged_attention import paged_latent_attention
+from mla_plugin.ops.reference import absorbed_attention, sharded_latent_attention
+from mla_plugin.ops.sharded_latent import LatentSlices, latent_rmsnorm
+from tests.unit.paged_cases import (
+    MIXED_REQUESTS,
+    make_batch,
+    mla_reference,
+    per_request,
+    random_logit_scale,
+    rank_view,
 )
-from tests.unit.paged_cases import make_paged_case
 
 ATOL = {torch.float32: 2e-5, torch.float64: 1e-10}
-
-# (q_len, seq_len) per request: a prefill on top of a cached prefix, a fresh prefill,
-# and decodes at different lengths.
-REQUESTS = [(9, 23), (1, 1), (1, 40), (5, 5), (1, 17)]
 
 SHAPES = [  # (d_c, d_R, heads, block_size)
     (32, 16, 4, 8),
@@ -33,39 +33,16 @@ SHAPES = [  # (d_c, d_R, heads, block_size)
 ]
 
 
-def make_batch(requests, d_c, d_r, heads, block_size, dtype, gen):
-    """A NaN-poisoned paged case plus random queries; returns (case, q_lat, q_rope, qsl)."""
-    q_lens = [q for q, _ in requests]
-    case = make_paged_case([n for _, n in requests], d_c, d_r, block_size, dtype, gen)
-    tokens = sum(q_lens) + 2  # two padded query rows at the end
-    q_lat = torch.randn(tokens, heads, d_c, generator=gen, dtype=torch.float64).to(dtype)
-    q_rope = torch.randn(tokens, heads, d_r, generator=gen, dtype=torch.float64).to(dtype)
-    qsl = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
-    return case, q_lat, q_rope, qsl
-
-
-def per_request(tensor, qsl):
-    """Split [T, ...] rows by query_start_loc into float64 pieces."""
-    bounds = qsl.tolist()
-    return [tensor[a:b].double() for a, b in zip(bounds[:-1], bounds[1:])]
-
-
-def rank_view(cache, q_lat, d_c, num_shards, offset, local):
-    """The cache and queries one rank sees: its latent shards, then the full rope key."""
-    d_s = d_c // num_shards
-    cols = slice(offset * d_s, (offset + local) * d_s)
-    rank_cache = torch.cat([cache[..., cols], cache[..., d_c:]], dim=-1)  # [nb, bs, d_loc + d_R]
-    return rank_cache, q_lat[..., cols]
-
-
-def run_paged(case, q_lat, q_rope, qsl, scale, **kwargs):
-    return paged_sharded_latent_attention(
-        q_lat, q_rope, case.cache, qsl, case.seq_lens, case.block_table, scale, **kwargs
+def run_paged(case, q_lat, q_rope, qsl, scale, *, chunk_tokens=None, hints=False, all_reduce=None, **slices):
+    """The seam over a whole case; ``hints`` passes the host-side bounds a backend would."""
+    bounds = {}
+    if hints:
+        q_lens = (qsl[1:] - qsl[:-1]).tolist()
+        bounds = dict(max_query_len=max(q_lens), max_seq_len=max(case.seq_lens.tolist()))
+    return paged_latent_attention(
+        q_lat, q_rope, case.cache, qsl, case.seq_lens, case.block_table, scale,
+        slices=LatentSlices(**slices), all_reduce=all_reduce, chunk_tokens=chunk_tokens, **bounds,
     )
-
-
-def random_logit_scale(heads, num_shards, gen):
-    return 0.5 + 2.0 * torch.rand(heads, num_shards, generator=gen, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("d_c,d_r,heads,block_size", SHAPES)
@@ -73,37 +50,24 @@ def random_logit_scale(heads, num_shards, gen):
 @pytest.mark.parametrize("mode", ["exact", "partitioned", "grouped"])
 def test_paged_matches_float64_reference(mode, num_shards, d_c, d_r, heads, block_size, rng):
     dtype = torch.float32
-    case, q_lat, q_rope, qsl = make_batch(REQUESTS, d_c, d_r, heads, block_size, dtype, rng)
+    case, q_lat, q_rope, qsl = make_batch(MIXED_REQUESTS, d_c, d_r, heads, block_size, dtype, rng)
     scale = 1.0 / math.sqrt(d_c + d_r)
     lam = random_logit_scale(heads, num_shards, rng)
-    expected = reference_sharded_latent_attention(
+    expected = sharded_latent_attention(
         per_request(q_lat, qsl), per_request(q_rope, qsl), case.latents, case.rope_keys, scale,
         num_shards=num_shards, softmax_mode=mode, logit_scale=lam,
     )
-    for chunk in (None, block_size, 3 * block_size):  # small chunks: the split-context merge
+    # small chunks: the split-context merge; hints: the bounds a backend passes
+    for chunk, hints in ((None, False), (None, True), (block_size, False), (3 * block_size, True)):
         out = run_paged(
             case, q_lat, q_rope, qsl, scale, num_shards=num_shards, shard_offset=0,
-            shards_local=num_shards, softmax_mode=mode, logit_scale=lam.float(), chunk_tokens=chunk,
+            shards_local=num_shards, softmax=mode, logit_scale=lam.float(), chunk_tokens=chunk, hints=hints,
         )
         assert out.shape == q_lat.shape and out.dtype == dtype
         assert torch.isfinite(out).all()
         assert (out[int(qsl[-1]) :] == 0).all(), "padded query rows must stay zero"
         for got, want in zip(per_request(out, qsl), expected):
             torch.testing.assert_close(got, want, atol=ATOL[dtype], rtol=ATOL[dtype])
-
-
-def mla_reference(q_lat, q_rope, qsl, case, scale):
-    """Unsharded causal MLA, one absorbed_attention call per query."""
-    outs = []
-    for b, (ql, qr) in enumerate(zip(per_request(q_lat, qsl), per_request(q_rope, qsl))):
-        length, q_len = case.latents[b].shape[0], ql.shape[0]
-        rows = []
-        for i in range(q_len):
-            n = length - q_len + i + 1
-            out, _ = absorbed_attention(ql[i], qr[i], case.latents[b][:n], case.rope_keys[b][:n], scale)
-            rows.append(out)
-        outs.append(torch.stack(rows))
-    return outs
 
 
 @pytest.mark.parametrize(
@@ -113,13 +77,13 @@ def mla_reference(q_lat, q_rope, qsl, case, scale):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_modes_that_equal_mla(mode, num_shards, dtype, rng):
     d_c, d_r, heads, block_size = 32, 16, 4, 8
-    case, q_lat, q_rope, qsl = make_batch(REQUESTS, d_c, d_r, heads, block_size, dtype, rng)
+    case, q_lat, q_rope, qsl = make_batch(MIXED_REQUESTS, d_c, d_r, heads, block_size, dtype, rng)
     scale = 1.0 / math.sqrt(d_c + d_r)
     expected = mla_reference(q_lat, q_rope, qsl, case, scale)
     for lam in (None, torch.ones(heads, num_shards, dtype=dtype)):
         out = run_paged(
             case, q_lat, q_rope, qsl, scale, num_shards=num_shards, shard_offset=0,
-            shards_local=num_shards, softmax_mode=mode, logit_scale=lam,
+            shards_local=num_shards, softmax=mode, logit_scale=lam,
         )
         for got, want in zip(per_request(out, qsl), expected):
             torch.testing.assert_close(got, want, atol=ATOL[dtype], rtol=ATOL[dtype])
@@ -174,25 +138,28 @@ def run_ranks(splits, fn):
 def test_simulated_ranks_concatenate_to_single_rank(mode, splits, rng):
     d_c, d_r, heads, block_size, num_shards = 32, 16, 8, 8, 4
     dtype = torch.float32
-    case, q_lat, q_rope, qsl = make_batch(REQUESTS, d_c, d_r, heads, block_size, dtype, rng)
+    case, q_lat, q_rope, qsl = make_batch(MIXED_REQUESTS, d_c, d_r, heads, block_size, dtype, rng)
     scale = 1.0 / math.sqrt(d_c + d_r)
     lam = None if mode == "exact" else random_logit_scale(heads, num_shards, rng).float()
-    common = dict(num_shards=num_shards, softmax_mode=mode, logit_scale=lam)
+    common = dict(num_shards=num_shards, softmax=mode, logit_scale=lam)
     whole = run_paged(case, q_lat, q_rope, qsl, scale, shard_offset=0, shards_local=num_shards, **common)
     reducer = ThreadAllReduce(len(splits))
 
     def one_rank(rank, offset, local):
         cache, q_part = rank_view(case.cache, q_lat, d_c, num_shards, offset, local)
         all_reduce = reducer.for_rank(rank, in_place=rank % 2 == 0) if mode == "exact" else None
-        return paged_sharded_latent_attention(
+        return paged_latent_attention(
             q_part, q_rope, cache, qsl, case.seq_lens, case.block_table, scale,
-            shard_offset=offset, shards_local=local, all_reduce=all_reduce, chunk_tokens=16, **common,
+            slices=LatentSlices(shard_offset=offset, shards_local=local, **common),
+            all_reduce=all_reduce, chunk_tokens=16,
         )
 
     parts = run_ranks(splits, one_rank)
     torch.testing.assert_close(torch.cat(parts, dim=-1), whole, atol=2e-5, rtol=2e-5)
     if mode == "exact":
-        assert reducer.calls > len(REQUESTS), "expected one all-reduce per request chunk"
+        # batched over requests: one all-reduce per 16-token chunk of the table's width
+        chunks = -(-case.block_table.shape[1] * block_size // 16)
+        assert reducer.calls == chunks > 1, "expected one all-reduce per context chunk"
         for got, want in zip(per_request(torch.cat(parts, dim=-1), qsl), mla_reference(q_lat, q_rope, qsl, case, scale)):
             torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
@@ -200,13 +167,13 @@ def test_simulated_ranks_concatenate_to_single_rank(mode, splits, rng):
 def test_partitioned_and_grouped_differ_from_mla_when_sharded(rng):
     """Sanity: the approximate modes are approximations (g=2), and grouped zeroes other slices."""
     d_c, d_r, heads, block_size = 32, 8, 4, 8
-    case, q_lat, q_rope, qsl = make_batch(REQUESTS, d_c, d_r, heads, block_size, torch.float64, rng)
+    case, q_lat, q_rope, qsl = make_batch(MIXED_REQUESTS, d_c, d_r, heads, block_size, torch.float64, rng)
     scale = 1.0 / math.sqrt(d_c + d_r)
-    exact = run_paged(case, q_lat, q_rope, qsl, scale, num_shards=2, shard_offset=0, shards_local=2, softmax_mode="exact")
+    exact = run_paged(case, q_lat, q_rope, qsl, scale, num_shards=2, shard_offset=0, shards_local=2, softmax="exact")
     for mode in ("partitioned", "grouped"):
-        out = run_paged(case, q_lat, q_rope, qsl, scale, num_shards=2, shard_offset=0, shards_local=2, softmax_mode=mode)
+        out = run_paged(case, q_lat, q_rope, qsl, scale, num_shards=2, shard_offset=0, shards_local=2, softmax=mode)
         assert (out - exact).abs().max() > 1e-3
-    grouped = run_paged(case, q_lat, q_rope, qsl, scale, num_shards=2, shard_offset=0, shards_local=2, softmax_mode="grouped")
+    grouped = run_paged(case, q_lat, q_rope, qsl, scale, num_shards=2, shard_offset=0, shards_local=2, softmax="grouped")
     assert (grouped[:, :2, 16:] == 0).all() and (grouped[:, 2:, :16] == 0).all()
 
 
@@ -272,7 +239,7 @@ def test_fold_gamma_and_rotate_keeps_logits_and_values(basis, rng):
         torch.einsum("hn,hnc->hc", q_nope[-1], w_uk), torch.zeros(heads, 0, dtype=torch.float64),
         c_hat, torch.zeros(tokens, 0, dtype=torch.float64), scale,
     )
-    (sharded,) = reference_sharded_latent_attention(
+    (sharded,) = sharded_latent_attention(
         [q_tilde[-1:]], [torch.zeros(1, heads, 0, dtype=torch.float64)], [c_rot],
         [torch.zeros(tokens, 0, dtype=torch.float64)], scale, num_shards=4, softmax_mode="exact",
     )
@@ -318,14 +285,14 @@ def test_pca_basis_sorted_orthogonal_and_deterministic(rng):
 # ---- errors --------------------------------------------------------------------------
 
 
-def paged_call(q_lat, **kwargs):
+def paged_call(q_lat, all_reduce=None, return_lse=False, **kwargs):
     tokens, heads, d_loc = q_lat.shape
-    args = dict(num_shards=2, shard_offset=0, shards_local=2, softmax_mode="partitioned")
+    args = dict(num_shards=2, shard_offset=0, shards_local=2, softmax="partitioned")
     args.update(kwargs)
     cache = torch.zeros(2, 4, d_loc + 2)
-    return paged_sharded_latent_attention(
+    return paged_latent_attention(
         q_lat, torch.zeros(tokens, heads, 2), cache, torch.tensor([0, tokens]), torch.tensor([tokens]),
-        torch.zeros(1, 2, dtype=torch.int32), 1.0, **args,
+        torch.zeros(1, 2, dtype=torch.int32), 1.0, slices=LatentSlices(**args), all_reduce=all_reduce, return_lse=return_lse,
     )
 
 
@@ -333,21 +300,21 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="not divisible by num_shards"):
         latent_rmsnorm(torch.zeros(2, 10), 4, "global", 1e-6)
     with pytest.raises(ValueError, match="not divisible by num_shards"):
-        reference_sharded_latent_attention(
+        sharded_latent_attention(
             [torch.zeros(1, 2, 10)], [torch.zeros(1, 2, 0)], [torch.zeros(3, 10)], [torch.zeros(3, 0)],
             1.0, num_shards=4, softmax_mode="exact",
         )
     with pytest.raises(ValueError, match="d_c must be divisible by num_shards"):
         paged_call(torch.zeros(1, 2, 9), num_shards=2, shards_local=2)
     with pytest.raises(ValueError, match="head count"):
-        paged_call(torch.zeros(1, 3, 8), softmax_mode="grouped")
+        paged_call(torch.zeros(1, 3, 8), softmax="grouped")
     with pytest.raises(ValueError, match="head count"):
-        reference_sharded_latent_attention(
+        sharded_latent_attention(
             [torch.zeros(1, 3, 8)], [torch.zeros(1, 3, 0)], [torch.zeros(3, 8)], [torch.zeros(3, 0)],
             1.0, num_shards=2, softmax_mode="grouped",
         )
     with pytest.raises(ValueError, match="unknown softmax mode 'tpla'.*exact, partitioned, grouped"):
-        paged_call(torch.zeros(1, 2, 8), softmax_mode="tpla")
+        paged_call(torch.zeros(1, 2, 8), softmax="tpla")
     with pytest.raises(ValueError, match="unknown norm mode 'rms'.*global, local"):
         latent_rmsnorm(torch.zeros(2, 8), 2, "rms", 1e-6)
     with pytest.raises(ValueError, match="unknown basis 'svd'.*identity, hadamard, pca"):
@@ -358,16 +325,18 @@ def test_errors_are_clear():
         with pytest.raises(ValueError, match="power of two"):
             hadamard_matrix(n)
     with pytest.raises(ValueError, match="needs all_reduce"):
-        paged_call(torch.zeros(1, 2, 4), softmax_mode="exact", shards_local=1)
+        paged_call(torch.zeros(1, 2, 4), softmax="exact", shards_local=1)
     with pytest.raises(ValueError, match="needs all_reduce"):
-        paged_call(torch.zeros(1, 2, 8), softmax_mode="exact", all_reduce=lambda t: t)
+        paged_call(torch.zeros(1, 2, 8), softmax="exact", all_reduce=lambda t: t)
     with pytest.raises(ValueError, match="not within"):
         paged_call(torch.zeros(1, 2, 4), shard_offset=1, shards_local=2)
     with pytest.raises(ValueError, match="logit_scale"):
         paged_call(torch.zeros(1, 2, 8), logit_scale=torch.ones(2, 3))
     with pytest.raises(ValueError, match="cache row width"):
-        paged_sharded_latent_attention(
+        paged_latent_attention(
             torch.zeros(1, 2, 8), torch.zeros(1, 2, 2), torch.zeros(2, 4, 9), torch.tensor([0, 1]),
             torch.tensor([1]), torch.zeros(1, 2, dtype=torch.int32), 1.0,
-            num_shards=2, shard_offset=0, shards_local=2, softmax_mode="grouped",
+            slices=LatentSlices(num_shards=2, shard_offset=0, shards_local=2, softmax="grouped"),
         )
+    with pytest.raises(ValueError, match="return_lse.*softmax='exact' only"):
+        paged_call(torch.zeros(1, 2, 8), softmax="partitioned", return_lse=True)

@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mla_plugin.ops.sharded_latent import SOFTMAX_MODES, paged_sharded_latent_attention
-from tests.unit.test_sharded_latent import (
-    REQUESTS,
+from mla_plugin.ops.paged_attention import paged_latent_attention
+from mla_plugin.ops.sharded_latent import SOFTMAX_MODES, LatentSlices
+from tests.unit.paged_cases import (
+    MIXED_REQUESTS,
     make_batch,
     mla_reference,
     per_request,
@@ -36,11 +37,14 @@ def rank_outputs(rank: int, world: int, inputs: dict, all_reduce) -> dict:
         offset = rank * local
         cache, q_part = rank_view(inputs["cache"], inputs["q_lat"], D_C, num_shards, offset, local)
         for mode in SOFTMAX_MODES:
-            results[(num_shards, mode)] = paged_sharded_latent_attention(
+            slices = LatentSlices(
+                num_shards=num_shards, shard_offset=offset, shards_local=local, softmax=mode,
+                logit_scale=None if mode == "exact" else inputs["lam"][num_shards],
+            )
+            results[(num_shards, mode)] = paged_latent_attention(
                 q_part, inputs["q_rope"], cache, inputs["qsl"], inputs["seq_lens"], inputs["block_table"],
-                inputs["scale"], num_shards=num_shards, shard_offset=offset, shards_local=local,
-                softmax_mode=mode, logit_scale=None if mode == "exact" else inputs["lam"][num_shards],
-                all_reduce=all_reduce if mode == "exact" else None, chunk_tokens=16,
+                inputs["scale"], slices=slices, all_reduce=all_reduce if mode == "exact" else None,
+                chunk_tokens=16,
             )
     return results
 
@@ -61,7 +65,7 @@ def tp_worker(rank: int, world: int, init_file: str, inputs: dict, out_dir: str)
 
 
 def test_two_gloo_ranks_match_single_process(tmp_path, rng):
-    case, q_lat, q_rope, qsl = make_batch(REQUESTS, D_C, D_R, HEADS, BLOCK_SIZE, torch.float32, rng)
+    case, q_lat, q_rope, qsl = make_batch(MIXED_REQUESTS, D_C, D_R, HEADS, BLOCK_SIZE, torch.float32, rng)
     inputs = dict(
         cache=case.cache, q_lat=q_lat, q_rope=q_rope, qsl=qsl, seq_lens=case.seq_lens,
         block_table=case.block_table, scale=1.0 / math.sqrt(D_C + D_R),

@@ -45,28 +45,12 @@ def ours_576(tiny_ds_576):
     return result
 
 
-def gla(softmax="exact", rmsnorm="global", basis="identity", shards=2, **extra) -> dict:
-    """hf_overrides for the sharded-latent variant."""
-    return {"mla_plugin": dict(shards=shards, softmax=softmax, rmsnorm=rmsnorm, basis=basis, **extra)}
-
-
-# The TP=2 engines of the GLA tests, run once, one after another in one spawned
-# subprocess (each spawn-mode start costs about a minute on 2 cores).
-TP2_RUNS = {
-    "mla_random": dict(model="random", backend="mla_plugin"),
-    "exact_random": dict(model="random", backend="mla_plugin_gla", hf_overrides=gla("exact")),
-    "partitioned_random": dict(model="random", backend="mla_plugin_gla",
-                               hf_overrides=gla("partitioned", "local", "hadamard")),
-    "grouped_random": dict(model="random", backend="mla_plugin_gla", hf_overrides=gla("grouped", "local")),
-    "exact_trained": dict(model="trained", backend="mla_plugin_gla", hf_overrides=gla("exact")),
-}
-
-
 @pytest.fixture(scope="session")
 def tp2_runs(tiny_ds_576, tmp_path_factory):
-    """name -> (result, log section, trace file) for each TP2_RUNS entry."""
+    """name -> (result, log section, trace file) for each tests.vllm.helpers.TP2_RUNS entry."""
     from mla_plugin.fixtures import trained_fixture
     from tests.vllm.engines import run_engines_subprocess
+    from tests.vllm.helpers import TP2_RUNS
 
     tmp = tmp_path_factory.mktemp("tp2")
     models = {"random": tiny_ds_576, "trained": str(trained_fixture("deepseek-v2-tiny"))}

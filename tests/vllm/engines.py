@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mla_plugin.vllm.engine import release_engine
+from mla_plugin.vllm.engine import exact_cpu_engine, release_engine
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -26,15 +26,8 @@ PROMPTS = [
     "performed in 2001 at the Royal Court Theatre .",
 ]
 
-# The fast, exact in-process configuration (see README, CPU notes).
-EXACT_ENGINE = dict(
-    dtype="float32",
-    enforce_eager=True,
-    compilation_config={"custom_ops": ["none"]},
-    max_model_len=512,
-    max_num_seqs=8,
-    seed=0,
-)
+# The tests' engine, on top of the exact CPU settings (mla_plugin.vllm.engine): fp32, small, seeded.
+TEST_ENGINE = dict(dtype="float32", max_model_len=512, max_num_seqs=8, seed=0)
 
 
 def _collect(outputs) -> dict:
@@ -66,9 +59,7 @@ def run_engine(
     trace_file = engine_overrides.pop("trace_file", None)
     if trace_file is not None:  # inherited by the processes this engine spawns
         os.environ["MLA_PLUGIN_TRACE_FILE"] = str(trace_file)
-    kwargs = dict(EXACT_ENGINE)
-    kwargs.setdefault("distributed_executor_backend", "uni")
-    kwargs.update(engine_overrides)
+    kwargs = exact_cpu_engine(**{**TEST_ENGINE, **engine_overrides})
     llm = LLM(model, attention_backend=backend, **kwargs)
     try:
         params = SamplingParams(

@@ -5,9 +5,8 @@ import re
 import pytest
 
 from mla_plugin.fixtures import trained_fixture
-from tests.vllm.conftest import TP2_RUNS, gla
 from tests.vllm.engines import assert_same_logprobs, run_engine
-from tests.vllm.test_spawn_and_tp import trace_lines, trace_pids
+from tests.vllm.helpers import TP2_RUNS, gla, trace_lines, trace_pids
 
 
 def max_diff(a: dict, b: dict) -> float:

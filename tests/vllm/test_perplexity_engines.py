@@ -4,12 +4,12 @@ import pytest
 
 from mla_plugin.eval.perplexity import perplexity
 from mla_plugin.fixtures import trained_fixture
+from mla_plugin.vllm.engine import exact_cpu_engine
 from mla_plugin.vllm.mla_backend import DECODE_CALLS
 from tests.paths import wikitext_file
 
 WINDOW, WINDOWS = 256, 24
-VLLM_EXACT = dict(enforce_eager=True, compilation_config={"custom_ops": ["none"]},
-                  distributed_executor_backend="uni")
+VLLM_EXACT = exact_cpu_engine()
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,11 @@
 """Selection survives vLLM's spawned processes; TP=2 equals TP=1."""
 
-import re
-
 import pytest
 
 from tests.vllm.engines import assert_same_logprobs
+from tests.vllm.helpers import trace_lines, trace_pids
 
 pytestmark = pytest.mark.slow
-
-
-def trace_lines(trace_file) -> list[str]:
-    return trace_file.read_text().splitlines() if trace_file.exists() else []
-
-
-def trace_pids(trace_file) -> set[str]:
-    return {re.search(r"pid=(\d+)", line).group(1) for line in trace_lines(trace_file)}
 
 
 def test_tp2_spawn_equals_tp1(ours_576, tp2_runs):

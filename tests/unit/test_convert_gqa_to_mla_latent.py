@@ -17,7 +17,7 @@ def llama_rope(x, positions, inv_freq):  # x [T, heads, d], Llama's rotate-half 
 
 
 def interleaved_rope(x, positions, inv_freq):  # DeepSeek's layout: pairs (2p, 2p + 1)
-    angles = positions[:, None].to(F64) * inv_freq.to(F64)[None]  # [T, r/2]
+    angles = positions[:, None].to(F64) * inv_freq.to(F64)[None]  # [T, d_R / 2]
     cos, sin = angles.cos()[:, None], angles.sin()[:, None]
     a, b = x[..., 0::2], x[..., 1::2]
     out = torch.empty_like(x)
@@ -46,18 +46,18 @@ def gqa_reference(x, w, inv_freq, H, K, d):
 
 def latent_forward(x, layer, plan, inv_freq):
     """DeepSeek-V2 attention (no latent norm) from a converted layer, expanded form."""
-    H, d, r, R, dn = plan.heads, plan.head_dim, plan.rope_dim, plan.kv_lora_rank, plan.nope_dim
+    H, d, d_r, d_c, dn = plan.heads, plan.head_dim, plan.rope_dim, plan.kv_lora_rank, plan.nope_dim
     T = x.shape[0]
     q = x @ layer.q_proj.T + (0 if layer.q_bias is None else layer.q_bias)
-    q = q.view(T, H, dn + r)
+    q = q.view(T, H, dn + d_r)
     kv_a = x @ layer.kv_a_proj_with_mqa.T + (0 if layer.kv_a_bias is None else layer.kv_a_bias)
-    c, k_rope = kv_a[:, :R], kv_a[:, R:]  # [T, R], [T, r]
+    c, k_rope = kv_a[:, :d_c], kv_a[:, d_c:]  # [T, d_c], [T, d_R]
     kv = (c @ layer.kv_b_proj.T).view(T, H, dn + d)
     pos = torch.arange(T)
     q_rope = interleaved_rope(q[..., dn:], pos, inv_freq)
-    k_rope = interleaved_rope(k_rope[:, None], pos, inv_freq).expand(T, H, r)
+    k_rope = interleaved_rope(k_rope[:, None], pos, inv_freq).expand(T, H, d_r)
     keys = torch.cat([kv[..., :dn], k_rope], -1)
-    out = causal_attention(torch.cat([q[..., :dn], q_rope], -1), keys, kv[..., dn:], (dn + r) ** -0.5)
+    out = causal_attention(torch.cat([q[..., :dn], q_rope], -1), keys, kv[..., dn:], (dn + d_r) ** -0.5)
     return out.reshape(T, H * d) @ layer.o_proj.T
 
 

