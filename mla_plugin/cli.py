@@ -13,7 +13,8 @@ import tempfile
 from pathlib import Path
 
 from mla_plugin.convert import defaults as convert_defaults
-from mla_plugin.eval.perplexity import DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_WINDOW, ENGINES
+from mla_plugin.errors import MLAPluginInputError
+from mla_plugin.eval.perplexity import DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_WINDOW, DTYPES, ENGINES
 from mla_plugin.gla_options import CONVERTER_BASES, RMSNORM_MODES, SOFTMAX_MODES
 
 
@@ -21,6 +22,9 @@ def _cmd_make_tiny_model(args) -> int:
     from mla_plugin.fixtures import make_tiny_deepseek_v2
 
     dst = Path(args.dst)
+    if dst.exists() and not dst.is_dir():
+        print(f"error: {dst} is a file; give a new or empty folder", file=sys.stderr)
+        return 2
     if dst.exists() and any(dst.iterdir()):
         print(f"error: {dst} exists and is not empty", file=sys.stderr)
         return 2
@@ -83,13 +87,12 @@ def _cmd_demo(args) -> int:
 def _cmd_ppl(args) -> int:
     import json
 
-    from mla_plugin.eval.perplexity import TextUnavailableError, load_text, perplexity
+    from mla_plugin.eval.perplexity import check_arguments, load_text, perplexity
 
+    check_arguments(args.model, engine=args.engine, window=args.window, max_windows=args.max_windows,
+                    dtype=args.dtype)
     try:
         text = load_text(args.text)
-    except TextUnavailableError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except OSError as err:
         print(f"error: cannot read --text: {err}", file=sys.stderr)
         return 2
@@ -126,12 +129,16 @@ def _cmd_convert_mla_to_gla(args) -> int:
     from mla_plugin.convert.mla_to_gla import convert_mla_to_gla
     from mla_plugin.convert.pipeline import ConversionError
 
-    logit_scale = args.logit_scale if args.logit_scale == "auto" else float(args.logit_scale)
+    try:
+        logit_scale = float(args.logit_scale)
+    except ValueError:
+        logit_scale = args.logit_scale  # "auto", or a bad value the converter refuses with its message
     try:
         report = convert_mla_to_gla(args.src, args.dst, shards=args.shards, softmax=args.softmax,
                                     rmsnorm=args.rmsnorm, basis=args.basis, logit_scale=logit_scale,
                                     calib_text=args.calib_text, calibrate=args.calibrate,
-                                    calib_tokens=args.calib_tokens, calib_window=args.calib_window)
+                                    calib_tokens=args.calib_tokens, calib_window=args.calib_window,
+                                    allow_eval_text=args.allow_eval_text)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -147,12 +154,17 @@ def _cmd_convert_gqa_to_mla(args) -> int:
         report = convert_gqa_to_mla(args.src, args.dst, kv_lora_rank=args.kv_lora_rank, rope_dim=args.rope_dim,
                                     freqfold=args.freqfold, calib_text=args.calib_text,
                                     calib_tokens=args.calib_tokens, calib_window=args.calib_window,
-                                    balance=not args.no_balance, dtype=args.dtype)
+                                    balance=not args.no_balance, dtype=args.dtype,
+                                    allow_eval_text=args.allow_eval_text)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.summary())
     return 0
+
+
+ALLOW_EVAL_TEXT_HELP = ("calibrate on --calib-text even though it is the evaluation text (the wikitext-2 test "
+                        "split, recognised by content), which is refused otherwise")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"tokens per window (default {DEFAULT_WINDOW})")
     ppl.add_argument("--max-windows", type=int, help="score only the first N windows")
     ppl.add_argument("--dtype", default=DEFAULT_DTYPE,
-                     help=f"float32 / bfloat16 / float16 (default {DEFAULT_DTYPE})")
+                     help=f"{' / '.join(DTYPES)} (default {DEFAULT_DTYPE})")
     ppl.add_argument("--attention-backend", help="vLLM attention backend, e.g. mla_plugin")
     ppl.add_argument("--tensor-parallel-size", type=int, default=1)
     ppl.add_argument("--hf-overrides", help="JSON passed to vLLM's hf_overrides")
@@ -218,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"calibration tokens used at most (default {convert_defaults.MLA_TO_GLA_CALIB_TOKENS})")
     to_gla.add_argument("--calib-window", type=int, default=convert_defaults.MLA_TO_GLA_CALIB_WINDOW,
                         help=f"tokens per calibration window (default {convert_defaults.MLA_TO_GLA_CALIB_WINDOW})")
+    to_gla.add_argument("--allow-eval-text", action="store_true", help=ALLOW_EVAL_TEXT_HELP)
     to_gla.set_defaults(func=_cmd_convert_mla_to_gla)
 
     to_mla = convert.add_parser(
@@ -244,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     to_mla.add_argument("--no-balance", action="store_true", help="skip the K/V norm balance before the PCA")
     to_mla.add_argument("--dtype", choices=convert_defaults.OUTPUT_DTYPES,
                         help="dtype of the written weights (default: the source's)")
+    to_mla.add_argument("--allow-eval-text", action="store_true", help=ALLOW_EVAL_TEXT_HELP)
     to_mla.set_defaults(func=_cmd_convert_gqa_to_mla)
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny random DeepSeek-V2 checkpoint")
@@ -259,8 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command; bad input (``MLAPluginInputError``) is one line, ``error: ...``, exit code 2."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except MLAPluginInputError as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

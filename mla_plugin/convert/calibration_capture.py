@@ -23,7 +23,7 @@ import torch
 from mla_plugin.convert.calibration_fit import DEFAULT_QUERIES_PER_WINDOW, LayerCapture, query_positions
 from mla_plugin.convert.defaults import MLA_TO_GLA_CALIB_TOKENS, MLA_TO_GLA_CALIB_WINDOW
 from mla_plugin.convert.pipeline import progress_bar
-from mla_plugin.text_windows import calibration_windows, tokenize_once
+from mla_plugin.text_windows import calibration_windows, read_text_file, tokenize_once
 
 _CAPTURE_ATTENTION = "mla_plugin_calibration_capture"
 
@@ -96,7 +96,7 @@ def capture_activations(
     available, else CPU); the captured tensors are kept on the CPU.
     """
     text_path = Path(text_path)
-    text = text_path.read_text(encoding="utf-8")
+    text = read_text_file(text_path)
     ids = tokenize_once(source_tokenizer(model_path), text)
     try:
         windows = calibration_windows(ids, tokens, window)

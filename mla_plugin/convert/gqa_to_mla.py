@@ -32,7 +32,9 @@ from mla_plugin.convert.pipeline import (
     INDEX_NAME,
     ConversionError,
     SourceCheckpoint,
+    check_config_types,
     check_destination,
+    check_layer_count,
     copy_side_files,
     progress_reporter,
     read_source,
@@ -40,7 +42,8 @@ from mla_plugin.convert.pipeline import (
     write_streamed,
 )
 from mla_plugin.convert.safetensors_stream import tensor_entries
-from mla_plugin.text_windows import calibration_windows, tokenize_once
+from mla_plugin.eval.eval_text import check_calibration_text
+from mla_plugin.text_windows import calibration_windows, read_text_file, tokenize_once
 
 SOURCE_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 REMOTE_CODE = Path(__file__).with_name("modeling_mla_plugin.py")
@@ -96,13 +99,21 @@ def _source_inv_freq(config: dict, head_dim: int) -> torch.Tensor:
                           "its frequencies depend on the sequence length or rescale attention")
 
 
-def _check_source(src: Path, config: dict) -> tuple[int, int, int]:
-    """A Llama/Mistral/Qwen2 with full attention and no MLP bias; returns (H, K, d_h)."""
+GQA_CONFIG_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _check_source(source: SourceCheckpoint) -> tuple[int, int, int]:
+    """A Llama/Mistral/Qwen2 with full attention, no MLP bias and config values of the right
+    types; returns (H, K, d_h)."""
+    src, config = source.path, source.config
     model_type = config.get("model_type")
     if model_type not in SOURCE_TYPES:
         arch = ", ".join(config.get("architectures") or [str(model_type)])
         hint = " For DeepSeek-V2 (MLA) checkpoints use mla-to-gla." if model_type == "deepseek_v2" else ""
         raise ConversionError(f"gqa-to-mla converts Llama, Mistral and Qwen2 checkpoints; {src} is {arch}.{hint}")
+    check_config_types(source, ints=GQA_CONFIG_INTS, optional_ints=("num_key_value_heads", "head_dim",
+                                                                    "sliding_window", "max_position_embeddings"),
+                       optional_numbers=("rope_theta", "partial_rotary_factor"))
     if config.get("mlp_bias"):
         raise ConversionError("mlp_bias = true is not supported (DeepSeek-V2's MLP has no bias)")
     if model_type == "llama" and config.get("attention_bias"):
@@ -123,20 +134,23 @@ def convert_gqa_to_mla(src, dst, *, kv_lora_rank: int, rope_dim: int, freqfold: 
                        calib_text=None, calib_tokens: int = defaults.GQA_TO_MLA_CALIB_TOKENS,
                        calib_window: int = defaults.GQA_TO_MLA_CALIB_WINDOW,
                        balance: bool = defaults.GQA_TO_MLA_BALANCE, dtype: str | None = None,
-                       show_progress: bool = True) -> GQAConversionReport:
+                       allow_eval_text: bool = False, show_progress: bool = True) -> GQAConversionReport:
     """Rewrite a Llama/Mistral/Qwen2 checkpoint ``src`` as an MLA checkpoint in ``dst``.
 
-    ``dtype`` of the written weights: None keeps the source's. The defaults are
+    ``dtype`` of the written weights: None keeps the source's. The evaluation text (the
+    wikitext-2 test split, recognised by content) is refused as ``calib_text`` unless
+    ``allow_eval_text``. The defaults are
     `mla-plugin convert gqa-to-mla`'s (convert/defaults.py).
     """
     source, dst = read_source(src), Path(dst)
-    heads, kv_heads, head_dim = _check_source(source.path, source.config)
+    heads, kv_heads, head_dim = _check_source(source)
+    check_layer_count(source)
     check_destination(dst)
     plan = _latent_plan(heads=heads, kv_heads=kv_heads, head_dim=head_dim, rope_dim=rope_dim,
                         kv_lora_rank=kv_lora_rank, freqfold=freqfold, balance=balance)
     out_dtype = _output_dtype(dtype)
     source_freq = _source_inv_freq(source.config, head_dim)
-    _check_calibration_text(plan, calib_text)
+    _check_calibration_text(plan, calib_text, allow_eval_text)
     progress = progress_reporter(show_progress)
 
     moments, calibration = _calibration_moments(source, calib_text, tokens=calib_tokens, window=calib_window,
@@ -179,9 +193,11 @@ def _output_dtype(dtype: str | None) -> torch.dtype | None:
     return getattr(torch, dtype)
 
 
-def _check_calibration_text(plan: LatentPlan, calib_text) -> None:
+def _check_calibration_text(plan: LatentPlan, calib_text, allow_eval_text: bool) -> None:
     if calib_text is not None and not Path(calib_text).is_file():
         raise ConversionError(f"calibration text {calib_text} does not exist")
+    if calib_text is not None:
+        check_calibration_text(read_text_file(calib_text), calib_text, allow_eval_text=allow_eval_text)
     if not plan.exact and calib_text is None:
         width = plan.kv_heads * plan.head_dim
         raise ConversionError(
@@ -197,7 +213,7 @@ def _calibration_moments(source: SourceCheckpoint, calib_text, *, tokens: int, w
     num_layers = source.config["num_hidden_layers"]
     if calib_text is None:
         return [None] * num_layers, "none (exact form: no statistics needed)"
-    text = Path(calib_text).read_text(encoding="utf-8")
+    text = read_text_file(calib_text)
     ids = tokenize_once(source_tokenizer(source.path), text[: 32 * tokens])  # enough characters for `tokens`
     try:
         windows = calibration_windows(ids, tokens, window)

@@ -42,15 +42,19 @@ from mla_plugin.convert.pipeline import (
     ConversionError,
     SourceCheckpoint,
     TensorEntry,
+    check_config_types,
     check_destination,
+    check_layer_count,
     copy_side_files,
     progress_reporter,
     read_source,
     write_streamed,
 )
 from mla_plugin.convert.safetensors_stream import read_tensor, tensor_entries
+from mla_plugin.eval.eval_text import check_calibration_text
 from mla_plugin.gla_options import CONFIG_KEY, CONVERTER_BASES, ShardedLatentOptions, ShardingPlan
 from mla_plugin.ops.latent_basis import fold_gamma_and_rotate, fold_latent_weights
+from mla_plugin.text_windows import read_text_file
 
 CALIB_TEXT_NEEDED = "needs calibration text: --calib-text FILE (train or validation text, never the test split)"
 _LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.(kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj)\.weight$")
@@ -81,13 +85,21 @@ class ConversionReport:
         return "\n".join(lines + self.notes)
 
 
-def _check_inputs(src: Path, dst: Path, config: dict, options: ShardedLatentOptions) -> ShardingPlan:
-    """The source must be a stock DeepSeek-V2 (MLA) checkpoint, the destination new or empty."""
+MLA_CONFIG_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+                   "qk_rope_head_dim", "v_head_dim")
+
+
+def _check_inputs(source: SourceCheckpoint, dst: Path, options: ShardedLatentOptions) -> ShardingPlan:
+    """The source must be a stock DeepSeek-V2 (MLA) checkpoint whose config types and layer count
+    match its weights, the destination new or empty."""
+    src, config = source.path, source.config
     if config.get("model_type") != "deepseek_v2" or "kv_lora_rank" not in config:
         arch = ", ".join(config.get("architectures") or [config.get("model_type", "unknown")])
         raise ConversionError(
             f"mla-to-gla converts DeepSeek-V2 (MLA) checkpoints; {src} is {arch}. "
             "For Llama/Qwen/Mistral use gqa-to-mla.")
+    check_config_types(source, ints=MLA_CONFIG_INTS, optional_ints=("num_key_value_heads",),
+                       optional_numbers=("rope_theta",))
     if config.get("q_lora_rank") is not None:
         raise ConversionError("checkpoints with q_lora_rank set are not supported yet "
                               "(DeepSeek-V2-Lite style, q_lora_rank = null, is)")
@@ -105,6 +117,7 @@ def _check_inputs(src: Path, dst: Path, config: dict, options: ShardedLatentOpti
             f"{src} was converted from a GQA/MHA model (gqa-to-mla: {fmt.to_dict().get('converted_from', {})}) "
             "and has no latent RMSNorm, or carries biases / its own rope frequencies; the sharded-latent "
             "layout does not support such checkpoints yet. Serve it with --attention-backend mla_plugin.")
+    check_layer_count(source)
     check_destination(dst)
     return options.resolve(latent_dim=config["kv_lora_rank"], num_heads=config["num_attention_heads"], tp_size=1)
 
@@ -190,7 +203,7 @@ def _fold_layer(config: dict, layer: int, parts: dict[str, TensorEntry], *, scal
 
 
 def _check_calibration(basis: str, softmax: str, calib_text, calibrate: str, calib_tokens: int,
-                       calib_window: int) -> Path | None:
+                       calib_window: int, allow_eval_text: bool = False) -> Path | None:
     if calibrate not in CALIBRATE_MODES:
         raise ConversionError(f"calibrate must be one of {list(CALIBRATE_MODES)}, got {calibrate!r}")
     needs_text = basis == "pca-act" or calibrate != "none"
@@ -210,6 +223,7 @@ def _check_calibration(basis: str, softmax: str, calib_text, calibrate: str, cal
         raise ConversionError(f"calib_window must be an integer >= 2, got {calib_window!r}")
     if not isinstance(calib_tokens, int) or calib_tokens < calib_window:
         raise ConversionError(f"calib_tokens ({calib_tokens!r}) must be at least one window ({calib_window})")
+    check_calibration_text(read_text_file(path), path, allow_eval_text=allow_eval_text)
     return path
 
 
@@ -247,20 +261,24 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_
                        logit_scale=defaults.MLA_TO_GLA_LOGIT_SCALE, calib_text=None,
                        calibrate: str = defaults.MLA_TO_GLA_CALIBRATE,
                        calib_tokens: int = defaults.MLA_TO_GLA_CALIB_TOKENS,
-                       calib_window: int = defaults.MLA_TO_GLA_CALIB_WINDOW,
+                       calib_window: int = defaults.MLA_TO_GLA_CALIB_WINDOW, allow_eval_text: bool = False,
                        show_progress: bool = True) -> ConversionReport:
     """Rewrite checkpoint ``src`` into ``dst`` for the sharded-latent layout with g = ``shards``.
 
     ``basis="pca-act"`` and ``calibrate`` ("logit": fit λ per (layer, head, slice);
     "logit+output": λ and μ) need ``calib_text``, of which at most ``calib_tokens`` tokens
     are used in windows of ``calib_window``; they load the source model once with
-    transformers (float32, whole model in memory). The defaults are `mla-plugin convert
+    transformers (float32, whole model in memory). The evaluation text (the wikitext-2 test
+    split, recognised by content) is refused as ``calib_text`` unless ``allow_eval_text``. The defaults are `mla-plugin convert
     mla-to-gla`'s (convert/defaults.py).
     """
     source, dst = read_source(src), Path(dst)
     if basis not in CONVERTER_BASES:
         raise ConversionError(f"basis must be one of {list(CONVERTER_BASES)}, got {basis!r}")
-    calib_path = _check_calibration(basis, softmax, calib_text, calibrate, calib_tokens, calib_window)
+    if logit_scale != "auto" and (isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float))):
+        raise ConversionError(f"logit_scale (--logit-scale) must be a number or 'auto', got {logit_scale!r}")
+    calib_path = _check_calibration(basis, softmax, calib_text, calibrate, calib_tokens, calib_window,
+                                    allow_eval_text)
     runtime, plan = _runtime_options(source, dst, shards=shards, softmax=softmax, rmsnorm=rmsnorm,
                                      logit_scale=logit_scale)
     progress = progress_reporter(show_progress)
@@ -295,7 +313,7 @@ def _runtime_options(source: SourceCheckpoint, dst: Path, *, shards: int, softma
         runtime = ShardedLatentOptions.from_config(dict(
             shards=shards, softmax=softmax, rmsnorm=rmsnorm, basis="identity",
             logit_scale=logit_scale, layout="sharded_latent"))
-        return runtime, _check_inputs(source.path, dst, source.config, runtime)
+        return runtime, _check_inputs(source, dst, runtime)
     except ValueError as err:
         raise ConversionError(str(err)) from None
 

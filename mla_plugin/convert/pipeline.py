@@ -1,17 +1,24 @@
 """The stages every converter shares, around its own per-layer math.
 
     source = read_source(src)                  config.json and the safetensors files
+    check_config_types(source, ints=...)       config.json values of the right types
+    check_layer_count(source)                  num_hidden_layers against the weights' layers
     check_destination(dst)                     a new or empty folder, checked before any work
     progress = progress_reporter(enabled)      the long loops under a tqdm bar
     write_streamed(dst / name, entries, ...)   one output file, tensor by tensor
     write_index(dst, weight_map)               model.safetensors.index.json, when the source has one
     copy_side_files(src, dst, skip=...)        tokenizer files and the rest, as they are
 
+Every check on the source (config types, layer count, every shard the index names
+present, every safetensors header readable and covering its file) runs before the first
+byte is written; a failed check raises ``ConversionError`` (an ``MLAPluginInputError``).
+
 Streaming: a source tensor is read only when it is written (or when a converter asks for
 it), so memory holds the largest tensor, not the checkpoint.
 """
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,12 +28,23 @@ from typing import Callable
 import torch
 
 from mla_plugin.convert.safetensors_stream import StreamingWriter, read_tensor, tensor_entries
+from mla_plugin.errors import MLAPluginInputError
 
 INDEX_NAME = "model.safetensors.index.json"
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 
 
-class ConversionError(ValueError):
+class ConversionError(MLAPluginInputError):
     """Bad input for a converter: the message says what and how to fix it."""
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        detail = (f"line {err.lineno} column {err.colno}: {err.msg}" if isinstance(err, json.JSONDecodeError)
+                  else "not UTF-8")
+        raise ConversionError(f"{path} is not valid JSON ({detail}); fix the {what}") from None
 
 
 @dataclass(frozen=True)
@@ -53,7 +71,15 @@ class SourceCheckpoint:
     def files(self) -> list[Path]:
         """The safetensors files: those the index names (sorted), else every *.safetensors."""
         if self.has_index:
-            names = sorted(set(json.loads((self.path / INDEX_NAME).read_text())["weight_map"].values()))
+            index = _read_json(self.path / INDEX_NAME, "index")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+                raise ConversionError(f"{self.path / INDEX_NAME} has no weight_map of tensor name -> file name")
+            names = sorted(set(weight_map.values()))
+            missing = [n for n in names if not (self.path / n).is_file()]
+            if missing:
+                raise ConversionError(f"{self.path / INDEX_NAME} names {len(missing)} missing shard(s): "
+                                      f"{', '.join(missing)}; download them into {self.path}")
             return [self.path / n for n in names]
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
@@ -74,12 +100,53 @@ class SourceCheckpoint:
 
 def read_source(src) -> SourceCheckpoint:
     src = Path(src)
-    if not (src / "config.json").exists():
+    if not src.is_dir():
+        raise ConversionError(f"source {src} is not a folder; give a checkpoint folder with config.json and "
+                              "*.safetensors files")
+    if not (src / "config.json").is_file():
         raise ConversionError(f"{src} has no config.json")
-    return SourceCheckpoint(path=src, config=json.loads((src / "config.json").read_text()))
+    config = _read_json(src / "config.json", "config")
+    if not isinstance(config, dict):
+        raise ConversionError(f"{src / 'config.json'} is not a JSON object; fix the config")
+    return SourceCheckpoint(path=src, config=config)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_config_types(source: SourceCheckpoint, *, ints: tuple[str, ...] = (), optional_ints: tuple[str, ...] = (),
+                       optional_numbers: tuple[str, ...] = ()) -> None:
+    """``ints`` must be positive integers, ``optional_ints`` too where present and not null,
+    ``optional_numbers`` numbers where present (``rope_theta`` also inside ``rope_parameters``)."""
+    config, where = source.config, source.path / "config.json"
+    for key in ints + optional_ints:
+        value = config.get(key)
+        if key not in ints and value is None:
+            continue
+        if not _is_int(value) or value <= 0:
+            raise ConversionError(f"{where}: {key} must be a positive integer, got {json.dumps(value)}; fix the config")
+    rope = config.get("rope_parameters")
+    for key in optional_numbers:
+        for scope, values in ((key, config), (f"rope_parameters.{key}", rope if isinstance(rope, dict) else {})):
+            value = values.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ConversionError(f"{where}: {scope} must be a number, got {json.dumps(value)}; fix the config")
+
+
+def check_layer_count(source: SourceCheckpoint) -> None:
+    """The weights hold exactly layers 0 .. num_hidden_layers - 1 (reads every header)."""
+    declared = source.config["num_hidden_layers"] + (source.config.get("num_nextn_predict_layers") or 0)
+    found = {int(m.group(1)) for name in source.tensors if (m := _LAYER_INDEX.match(name))}
+    if found != set(range(declared)):
+        held = f"layers {min(found)}..{max(found)} ({len(found)} distinct)" if found else "no model.layers.* tensors"
+        raise ConversionError(f"{source.path / 'config.json'} says num_hidden_layers = {declared}, the weights hold "
+                              f"{held}; fix num_hidden_layers or the weights")
 
 
 def check_destination(dst: Path) -> None:
+    if dst.exists() and not dst.is_dir():
+        raise ConversionError(f"{dst} is a file; give a new or empty folder")
     if dst.exists() and any(dst.iterdir()):
         raise ConversionError(f"{dst} exists and is not empty; give a new or empty folder")
 

@@ -7,10 +7,13 @@ one without ever holding a whole file in memory.
 """
 
 import json
+import math
 import struct
 from pathlib import Path
 
 import torch
+
+from mla_plugin.errors import MLAPluginInputError
 
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -18,13 +21,57 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+_ELEMENT_BYTES = {k: torch.empty((), dtype=v).element_size() for k, v in _DTYPES.items()}
 
 
 def read_header(path: Path) -> dict:
-    """name -> {"dtype", "shape", "data_offsets"} (and "__metadata__" if present)."""
+    """name -> {"dtype", "shape", "data_offsets"} (and "__metadata__" if present), checked:
+    readable, every dtype known, every byte range matching its shape, the ranges covering
+    the file's data section exactly (a truncated or padded file is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MLAPluginInputError(f"{path} is missing; restore the safetensors file (or the index that names it)")
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length))
+        raw_length = f.read(8)
+        if len(raw_length) < 8:
+            raise MLAPluginInputError(f"{path} is not a safetensors file ({size} bytes, shorter than the 8-byte "
+                                      "header length); re-download or re-save it")
+        (length,) = struct.unpack("<Q", raw_length)
+        if length > size - 8:
+            raise MLAPluginInputError(f"{path} is truncated: its header says {length} bytes, the file has "
+                                      f"{size - 8} after the length field; re-download or re-save it")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise MLAPluginInputError(f"{path} is not a safetensors file (its header is not a JSON object); "
+                                  "re-download or re-save it")
+    _check_entries(path, header, data_size=size - 8 - length)
+    return header
+
+
+def _check_entries(path: Path, header: dict, data_size: int) -> None:
+    end_of_data = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            element_bytes = _ELEMENT_BYTES[info["dtype"]]
+            shape, (begin, end) = info["shape"], info["data_offsets"]
+            ok = (all(type(n) is int and n >= 0 for n in [*shape, begin, end])
+                  and end - begin == math.prod(shape) * element_bytes)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise MLAPluginInputError(f"{path}: the header entry of {name} is malformed (dtype one of "
+                                      f"{', '.join(_DTYPES)}, a shape, byte offsets matching it); re-save the file")
+        end_of_data = max(end_of_data, end)
+    if end_of_data != data_size:
+        state = "truncated" if end_of_data > data_size else "longer than its header says"
+        raise MLAPluginInputError(f"{path} is {state}: its tensors need {end_of_data} bytes of data, the file "
+                                  f"has {data_size}; re-download or re-save it")
 
 
 def tensor_entries(path: Path) -> dict[str, tuple[torch.dtype, list[int]]]:
@@ -39,7 +86,7 @@ def read_tensor(path: Path, name: str) -> torch.Tensor:
     Not safetensors' safe_open: that maps the whole file copy-on-write, which counts as
     the process's own memory under a limit (RLIMIT_DATA) and in its RSS.
     """
-    with open(path, "rb") as f:
+    with open(path, "rb") as f:  # the header was checked when the source was opened (read_header)
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
         if name not in header:

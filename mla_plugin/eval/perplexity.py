@@ -15,17 +15,47 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from mla_plugin.text_windows import make_windows, tokenize_once
+from mla_plugin.errors import MLAPluginInputError
+from mla_plugin.text_windows import make_windows, read_text_file, tokenize_once
 
 ENGINES = ("vllm", "transformers")
+DTYPES = ("float32", "bfloat16", "float16")
 # Defaults of perplexity() and of `mla-plugin ppl` (the CLI reads these).
 DEFAULT_ENGINE = "vllm"
 DEFAULT_WINDOW = 2048
 DEFAULT_DTYPE = "bfloat16"
 
 
-class TextUnavailableError(RuntimeError):
+class TextUnavailableError(MLAPluginInputError):
     """No --text given and wikitext-2 could not be had from `datasets`."""
+
+
+def _looks_like_local_path(model: str) -> bool:
+    """A hub name is ``name`` or ``owner/name``; anything else is meant as a local folder."""
+    return (Path(model).exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
+            or "\\" in model)
+
+
+def check_arguments(model, *, engine: str, window: int, max_windows: int | None, dtype: str) -> None:
+    """Refuse bad arguments before any text is read or any engine starts."""
+    if engine not in ENGINES:
+        raise MLAPluginInputError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if dtype not in DTYPES:
+        raise MLAPluginInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise MLAPluginInputError(f"window must be an integer of at least 2 tokens, got {window!r}")
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
+                                    or max_windows < 1):
+        raise MLAPluginInputError(f"max_windows must be a positive integer (or omitted for all windows), "
+                                  f"got {max_windows!r}")
+    model = str(model)
+    if _looks_like_local_path(model):
+        path = Path(model).expanduser()
+        if not path.is_dir():
+            raise MLAPluginInputError(f"model directory {model} does not exist; give a checkpoint folder "
+                                      "(config.json, tokenizer, *.safetensors)")
+        if not (path / "config.json").is_file():
+            raise MLAPluginInputError(f"model directory {model} has no config.json; give a checkpoint folder")
 
 
 @dataclass
@@ -53,7 +83,7 @@ class PerplexityResult:
 def load_text(path: str | Path | None = None) -> str:
     """The evaluation text: a file, or wikitext-2-raw-v1's test split from `datasets`."""
     if path is not None:
-        return Path(path).read_text(encoding="utf-8")
+        return read_text_file(path)
     try:
         import datasets
 
@@ -136,13 +166,16 @@ def perplexity(
     The defaults are `mla-plugin ppl`'s: engine vllm, window 2048, dtype bfloat16 (pass
     ``dtype="float32"`` to compare engines or backends at tight tolerances).
     """
-    from transformers import AutoTokenizer
-
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    check_arguments(model, engine=engine, window=window, max_windows=max_windows, dtype=dtype)
     if text is None:
         text = load_text(text_path)
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model)
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise MLAPluginInputError(f"cannot load the tokenizer of {model}: {first_line}") from None
     ids = tokenize_once(tokenizer, text)
     windows = make_windows(ids, window, max_windows)
 

@@ -208,7 +208,7 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                             "prefix", "attn_backend", "extra_impl_args"),
                       has("forward", "process_weights_after_loading"))),
     TouchPoint("MLA absorbed weights", f"{_MLA}:MLAAttention",
-               "the sharded-latent layer sets W_UK_T [H, d_nope, L] and W_UV [H, L, d_v] itself, "
+               "the sharded-latent layer sets W_UK_T [H, d_nope, d_loc] and W_UV [H, d_loc, d_v] itself, "
                "from its folded weights", source_mentions("self.W_UK_T", "self.W_UV", "_v_up_proj")),
     TouchPoint("replace_parameter", "vllm.model_executor.utils:replace_parameter",
                "installs W_UK_T and W_UV as vLLM does", starts_with("layer", "param_name", "new_tensor")),
