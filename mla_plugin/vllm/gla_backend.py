@@ -79,12 +79,10 @@ class ShardedLatentImpl(MLAPluginImpl):
                              f"the plan's local_latent_dim {plan.local_latent_dim}")
         self.plan = plan
         self.local_latent_dim = plan.local_latent_dim  # d_loc: latent values per cache row on this rank
+        # The slices this rank holds, for the ops seam (λ is folded into W_UK, so no logit_scale).
+        self.slices = LatentSlices(num_shards=plan.shards, shard_offset=plan.shard_offset,
+                                   shards_local=plan.shards_local, softmax=plan.softmax)
         self._up_proj: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def sharding(self) -> ShardingPlan:
-        """Older name of ``plan``."""
-        return self.plan
 
     def _all_reduce(self):
         if self.plan.tp_size == 1:
@@ -96,11 +94,9 @@ class ShardedLatentImpl(MLAPluginImpl):
     def _attend(self, q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, *,
                 max_query_len: int, max_seq_len: int):
         """The ops seam over this rank's slices; the bounds are host ints from the metadata."""
-        slices = LatentSlices(num_shards=self.plan.shards, shard_offset=self.plan.shard_offset,
-                              shards_local=self.plan.shards_local, softmax=self.plan.softmax)
         return paged_latent_attention(
             q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, self.scale,
-            slices=slices, all_reduce=self._all_reduce(),
+            slices=self.slices, all_reduce=self._all_reduce(),
             max_query_len=max_query_len, max_seq_len=max_seq_len,
         )
 
@@ -129,8 +125,8 @@ class ShardedLatentImpl(MLAPluginImpl):
             q_latent, q_rope = q.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         note_decode_call(self.backend_name, kv_c_and_k_pe_cache,
                          f"d_loc={self.kv_lora_rank} d_R={self.qk_rope_head_dim} "
-                         f"shards={self.sharding.shard_offset}+{self.sharding.shards_local}/"
-                         f"{self.sharding.shards} softmax={self.sharding.softmax}")
+                         f"shards={self.plan.shard_offset}+{self.plan.shards_local}/"
+                         f"{self.plan.shards} softmax={self.plan.softmax}")
         batch = attn_metadata.num_decodes
         # Decodes come first, one query each (MLACommonMetadataBuilder: SINGLE_ONLY).
         out = self._attend(q_latent, q_rope, kv_c_and_k_pe_cache, attn_metadata.query_start_loc[: batch + 1],
