@@ -72,3 +72,76 @@ def format_of(hf_config) -> LatentCheckpointFormat:
     """The checkpoint format declared by a loaded (transformers) config object."""
     raw = getattr(hf_config, "mla_plugin", None)
     return LatentCheckpointFormat.from_config(raw, rope_dim=getattr(hf_config, "qk_rope_head_dim", None))
+
+
+# -- what a converted checkpoint declares itself as ---------------------------------------
+#
+# A checkpoint whose weights mean anything other than an ordinary DeepSeek-V2 (a gqa-to-mla
+# output with the format keys above; an mla-to-gla output with partitioned or grouped
+# softmax, or the local RMSNorm) is declared as CONVERTED_ARCHITECTURE: an architecture that
+# only this plugin registers with vLLM (mla_plugin.vllm.model_registry), so vLLM without the
+# plugin refuses it instead of serving another model, and transformers loads it through
+# the modeling file written beside the weights (trust_remote_code=True). model_type stays
+# "deepseek_v2" (vLLM recognises MLA by it). Exact conversions keep DeepseekV2ForCausalLM.
+
+STOCK_ARCHITECTURE = "DeepseekV2ForCausalLM"
+CONVERTED_ARCHITECTURE = "MLAPluginDeepseekV2ForCausalLM"
+REMOTE_CODE_FILE = "modeling_mla_plugin.py"
+CONVERTED_AUTO_MAP = {"AutoModelForCausalLM": f"{REMOTE_CODE_FILE[:-3]}.{CONVERTED_ARCHITECTURE}"}
+
+
+def sharded_latent_changes_function(raw, *, tp_size: int | None = None) -> bool:
+    """True when the ``mla_plugin`` sharded-latent options (a dict, or None) describe attention
+    other than MLA: partitioned or grouped softmax, or the per-slice (local) RMSNorm, over more
+    than one slice (or a partial-logit scale other than 1 on one slice). ``shards`` unset means
+    the TP size; with ``tp_size`` unknown too, any such option counts."""
+    if not isinstance(raw, dict):
+        return False
+    softmax, rmsnorm = raw.get("softmax", "exact"), raw.get("rmsnorm", "global")
+    shards = raw.get("shards") or tp_size
+    if shards == 1:
+        scale = raw.get("logit_scale", "auto")
+        return softmax != "exact" and scale not in ("auto", 1, 1.0)
+    return softmax != "exact" or rmsnorm != "global"
+
+
+def is_ordinary_deepseek_v2(config: dict) -> bool:
+    """True when a stock DeepSeek-V2 loader computes this (config.json) checkpoint correctly."""
+    raw = config.get("mla_plugin")
+    if raw is None:
+        return True
+    fmt = LatentCheckpointFormat.from_config(raw, rope_dim=config.get("qk_rope_head_dim"))
+    return fmt.is_stock and not sharded_latent_changes_function(raw)
+
+
+def declare_architecture(config: dict) -> bool:
+    """Set ``architectures`` (and ``auto_map``) of a converted config.json in place; returns True
+    when the checkpoint needs the modeling file (REMOTE_CODE_FILE) written beside it."""
+    if is_ordinary_deepseek_v2(config):
+        config["architectures"] = [STOCK_ARCHITECTURE]
+        config.pop("auto_map", None)
+        return False
+    config["architectures"] = [CONVERTED_ARCHITECTURE]
+    config["auto_map"] = dict(CONVERTED_AUTO_MAP)
+    return True
+
+
+def describe_sharded_latent(raw: dict) -> str:
+    """One phrase naming the attention a sharded-latent entry declares (for messages)."""
+    return (f"softmax {raw.get('softmax', 'exact')}, rmsnorm {raw.get('rmsnorm', 'global')}, "
+            f"{raw.get('shards') or 'TP-size'} latent slices")
+
+
+def transformers_loading_problem(config: dict) -> str | None:
+    """Why transformers' stock DeepseekV2 would compute a different model than this config.json
+    declares (None: it would not, or the config names its own modeling code in auto_map)."""
+    if "auto_map" in config:
+        return None
+    try:
+        if is_ordinary_deepseek_v2(config):
+            return None
+    except ValueError as err:
+        return f"config.json: {err}"
+    return ("config.json declares attention under 'mla_plugin' that transformers' DeepseekV2 does not compute, "
+            "and no auto_map to the modeling code that does (written by an older mla-plugin convert); "
+            "convert it again with this version (it then carries modeling_mla_plugin.py), or use --engine vllm")

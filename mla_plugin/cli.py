@@ -14,7 +14,15 @@ from pathlib import Path
 
 from mla_plugin.convert import defaults as convert_defaults
 from mla_plugin.errors import MLAPluginInputError
-from mla_plugin.eval.perplexity import DEFAULT_DTYPE, DEFAULT_ENGINE, DEFAULT_WINDOW, DTYPES, ENGINES
+from mla_plugin.eval.perplexity import (
+    DEFAULT_DTYPE,
+    DEFAULT_ENGINE,
+    DEFAULT_SCORE,
+    DEFAULT_WINDOW,
+    DTYPES,
+    ENGINES,
+    SCORE_MODES,
+)
 from mla_plugin.gla_options import CONVERTER_BASES, RMSNORM_MODES, SOFTMAX_MODES
 
 
@@ -90,7 +98,7 @@ def _cmd_ppl(args) -> int:
     from mla_plugin.eval.perplexity import check_arguments, load_text, perplexity
 
     check_arguments(args.model, engine=args.engine, window=args.window, max_windows=args.max_windows,
-                    dtype=args.dtype)
+                    dtype=args.dtype, score=args.score)
     try:
         text = load_text(args.text)
     except OSError as err:
@@ -116,8 +124,8 @@ def _cmd_ppl(args) -> int:
         return 2
     try:
         result = perplexity(args.model, engine=args.engine, text=text, window=args.window,
-                            max_windows=args.max_windows, dtype=args.dtype, show_progress=not args.json,
-                            **options)
+                            max_windows=args.max_windows, dtype=args.dtype, score=args.score,
+                            show_progress=not args.json, **options)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -191,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--window", type=int, default=DEFAULT_WINDOW,
                      help=f"tokens per window (default {DEFAULT_WINDOW})")
     ppl.add_argument("--max-windows", type=int, help="score only the first N windows")
+    ppl.add_argument("--score", default=DEFAULT_SCORE, metavar="|".join(SCORE_MODES),
+                     help="prefill: prompt logprobs of each window (fast). decode: the window's first token as "
+                          "the prompt, every later token generated (forced onto the text) and scored through the "
+                          "decode path; slower, use --max-windows "
+                          f"(default {DEFAULT_SCORE})")
     ppl.add_argument("--dtype", default=DEFAULT_DTYPE,
                      help=f"{' / '.join(DTYPES)} (default {DEFAULT_DTYPE})")
     ppl.add_argument("--attention-backend", help="vLLM attention backend, e.g. mla_plugin")

@@ -15,7 +15,9 @@ loads the model once through transformers). Rows, all wikitext-2 test, window 20
     calibrated logit scales (hadamard)            converted with --calibrate logit
     calibrated logit + output scales (hadamard)   converted with --calibrate logit+output
 
-Calibration text: wikitext-2 validation split (--calib-text), never the test split.
+Calibration text: wikitext-2 validation split (--calib-text), never the test split. On the
+trained fixtures (as the tests run it) pass their held-out tail instead: they were trained on
+the rest of the validation split (mla_plugin/fixtures/training_text.py).
 It also runs end to end on a small model (the tests use the trained fixture) with
 --window / --max-windows / --dtype float32 --cpu to check the script itself.
 """

@@ -9,7 +9,8 @@ applied at load time with hf_overrides. Then checkpoints written by `mla-plugin 
 mla-to-gla` (partitioned, global) into a temporary folder and served with no flags:
 calibrated logit scales and logit+output scales (identity and hadamard), and the
 activation-PCA basis (pca-act) without and with calibration, calibrated on --calib-text
-(validation text; never the test split).
+(default: the held-out tail of the wikitext-2 validation text, the part the fixture was not
+trained on, mla_plugin/fixtures/training_text.py; never the test split).
 All at TP = 1 (the g slices computed on one rank: the same function as TP = g).
 Text: ../shared/data/wikitext-2/test.raw.txt. Prints a markdown table per g.
 """
@@ -28,9 +29,11 @@ os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="mla_gla_ppl_")
 from mla_plugin.convert.mla_to_gla import convert_mla_to_gla  # noqa: E402
 from mla_plugin.eval.perplexity import perplexity  # noqa: E402
 from mla_plugin.fixtures import trained_fixture  # noqa: E402
+from mla_plugin.fixtures.training_text import held_out_calibration_text  # noqa: E402
 from mla_plugin.vllm.engine import exact_cpu_engine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared/data/wikitext-2"
 EXACT = exact_cpu_engine()
 
 
@@ -53,18 +56,21 @@ def settings(shards: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--text", type=Path, default=REPO.parent / "shared/data/wikitext-2/test.raw.txt")
+    parser.add_argument("--text", type=Path, default=DATA / "test.raw.txt")
     parser.add_argument("--shards", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--max-windows", type=int)
-    parser.add_argument("--calib-text", type=Path, default=REPO.parent / "shared/data/wikitext-2/valid.tokens.txt",
-                        help="calibration text for the converted rows (never the test split)")
-    parser.add_argument("--calib-tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    parser.add_argument("--calib-text", type=Path,
+                        help="calibration text for the converted rows (default: the held-out tail of "
+                             "valid.tokens.txt, about 6,000 tokens; never the test split)")
+    parser.add_argument("--calib-tokens", type=int, default=4096, help="calibration tokens (default 4096)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     text = args.text.read_text(encoding="utf-8")
     model = str(trained_fixture("deepseek-v2-tiny"))
     work = Path(tempfile.mkdtemp(prefix="gla_ppl_convert_"))
+    if args.calib_text is None:
+        args.calib_text = held_out_calibration_text(DATA / "valid.tokens.txt", work)
     records = []
     try:
         for shards in args.shards:

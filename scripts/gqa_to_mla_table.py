@@ -5,9 +5,11 @@
 Stages (llama-gqa-tiny: 8 query heads, 2 kv heads, head dim 32; KV 128 values per token
 per layer): original; exact MLA form (every key dim keeps RoPE, latent = the values);
 partial RoPE (RoRoPE, d_R = 32) and RoRoPE + FreqFold 2 (d_R = 16), the rest of the keys
-and the values kept whole; full MLA (BKV-PCA to a smaller latent). Calibration on
-../shared/data/wikitext-2/valid.tokens.txt, never the test split; ppl on the test split
-through transformers (float32); the last stage also through vLLM with the plugin.
+and the values kept whole; full MLA (BKV-PCA to a smaller latent). Calibration on the
+held-out tail of ../shared/data/wikitext-2/valid.tokens.txt (about 6,000 tokens the
+fixture was not trained on: mla_plugin/fixtures/training_text.py), never the test split;
+ppl on the test split through transformers (float32); the last stage also through vLLM
+with the plugin.
 """
 
 import argparse
@@ -23,6 +25,7 @@ os.environ.setdefault("VLLM_CACHE_ROOT", tempfile.mkdtemp(prefix="mla_gqa_ppl_")
 from mla_plugin.convert.gqa_to_mla import convert_gqa_to_mla  # noqa: E402
 from mla_plugin.eval.perplexity import perplexity  # noqa: E402
 from mla_plugin.fixtures import trained_fixture  # noqa: E402
+from mla_plugin.fixtures.training_text import held_out_calibration_text  # noqa: E402
 from mla_plugin.vllm.engine import exact_cpu_engine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +49,7 @@ STAGES = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--text", type=Path, default=DATA / "test.raw.txt")
-    parser.add_argument("--calib-text", type=Path, default=DATA / "valid.tokens.txt")
+    parser.add_argument("--calib-text", type=Path, help="default: the held-out tail of valid.tokens.txt")
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--max-windows", type=int)
     parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM check of the last stage")
@@ -55,6 +58,8 @@ def main() -> None:
     text = args.text.read_text(encoding="utf-8")
     source = trained_fixture("llama-gqa-tiny")
     work = Path(tempfile.mkdtemp(prefix="gqa_to_mla_"))
+    if args.calib_text is None:
+        args.calib_text = held_out_calibration_text(DATA / "valid.tokens.txt", work)
     rows = ["| stage | KV values / token / layer | ppl (transformers) | vs original |", "|---|---:|---:|---:|"]
     records, base, last = [], None, None
     for index, (label, settings) in enumerate(STAGES):

@@ -5,7 +5,8 @@
 
 Seeded and deterministic on CPU (fixed step count, fixed data order). Trained on the
 wikitext-2 *validation* tokens (../shared/data/wikitext-2/valid.tokens.txt) only, never
-on the test split; the last 2% of it is held out to report a dev loss. Weights are
+on the test split; the last 2% of it is held out to report a dev loss (and to calibrate the
+fixtures on: mla_plugin/fixtures/training_text.py). Weights are
 stored in bfloat16 (the fixtures are evaluated in float32 from those values) to keep
 the two under 40 MB together. About 15 minutes (DeepSeek) and 10 minutes (Llama) on 2 otherwise idle cores
 (34 minutes measured for DeepSeek while other work shared the cores).
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mla_plugin.fixtures.tiny_models import _token_ids, load_tokenizer, tiny_deepseek_v2_config
+from mla_plugin.fixtures.training_text import fixture_token_ids, training_token_count
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = REPO.parent / "shared/data/wikitext-2/valid.tokens.txt"
@@ -69,8 +71,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer()
-    ids = torch.tensor([tokenizer.bos_token_id] + tokenizer(args.text.read_text(), add_special_tokens=False)["input_ids"])
-    split = int(len(ids) * 0.98)
+    ids = torch.tensor(fixture_token_ids(tokenizer, args.text.read_text()))
+    split = training_token_count(len(ids))  # the rest is held out: the fixtures' calibration text
     train, dev = ids[:split], ids[split:]
     print(f"{args.arch}: {len(train)} training tokens, {len(dev)} held out")
 

@@ -19,6 +19,11 @@ _VLLM_TMP = tempfile.mkdtemp(prefix="mla_plugin_tests_")
 os.environ["VLLM_CACHE_ROOT"] = os.path.join(_VLLM_TMP, "vllm_cache")  # compile cache does not reload here
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes most of RAM
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without a GPU the Triton kernels run in Triton's interpreter, which must be on before
+# triton is first imported (by vLLM or by us); kernel selection still defaults to torch
+# on CPU, so this changes nothing for tests that do not ask for MLA_PLUGIN_KERNEL=triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_report_header(config):

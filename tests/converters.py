@@ -1,14 +1,27 @@
 """Sources and checks the converter tests share (every tier: unit, e2e, vllm)."""
 
+import functools
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 
 from mla_plugin.fixtures import make_tiny_deepseek_v2, make_tiny_llama, trained_fixture
+from mla_plugin.fixtures.training_text import held_out_calibration_text
+from tests.paths import wikitext_file
 
 # Token ids scored by the transformers round-trip checks (any ids below the fixtures' vocabulary).
 TEXT_IDS = [0, 54, 260, 3576, 379, 12, 901, 77, 1200, 45, 3000, 18, 640, 2222, 9, 31]
+_HELD_OUT_FOLDER = tempfile.TemporaryDirectory(prefix="mla_plugin_held_out_")  # removed at exit
+
+
+@functools.lru_cache(maxsize=1)
+def calibration_text() -> Path:
+    """The calibration text of every converter test: the held-out tail of the wikitext-2
+    validation file, which the trained fixtures never saw (mla_plugin/fixtures/training_text.py).
+    Written once per test process into a temporary folder removed at exit."""
+    return held_out_calibration_text(wikitext_file("valid.tokens.txt"), _HELD_OUT_FOLDER.name)
 
 
 def tiny_deepseek(root: Path) -> Path:

@@ -4,6 +4,7 @@
     gqa_to_mla.py           Llama / Mistral / Qwen2 (GQA, MHA) -> MLA; per-layer math in gqa_latent.py
     pipeline.py             the stages both share: source, destination, progress, streamed
                             writes, index, side files
+    destination.py          DST written atomically: locked, staged beside DST, renamed into place
     calibration_fit.py      calibration math (plain torch); calibration_capture.py: the
                             transformers run that feeds it
     defaults.py             the defaults the Python API and `mla-plugin convert` share

@@ -16,24 +16,23 @@ RMSNorm, declared in config.json (checkpoint_format.py), plus modeling_mla_plugi
 transformers (trust_remote_code=True). vLLM with the plugin serves it with no flags.
 """
 
-import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from mla_plugin.checkpoint_format import LatentCheckpointFormat
+from mla_plugin.checkpoint_format import CONVERTED_ARCHITECTURE, CONVERTED_AUTO_MAP, LatentCheckpointFormat
 from mla_plugin.convert import defaults
 from mla_plugin.convert.calibration_capture import capture_kv_moments, source_tokenizer
+from mla_plugin.convert.declared_config import write_config
 from mla_plugin.convert.gqa_latent import LatentPlan, convert_layer, rope_frequencies
 from mla_plugin.convert.pipeline import (
     INDEX_NAME,
     ConversionError,
     SourceCheckpoint,
+    atomic_destination,
     check_config_types,
-    check_destination,
     check_layer_count,
     copy_side_files,
     progress_reporter,
@@ -46,7 +45,6 @@ from mla_plugin.eval.eval_text import check_calibration_text
 from mla_plugin.text_windows import calibration_windows, read_text_file, tokenize_once
 
 SOURCE_TYPES = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
-REMOTE_CODE = Path(__file__).with_name("modeling_mla_plugin.py")
 _ATTN = re.compile(r"model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)$")
 _ROPE_BUFFER = re.compile(r".*rotary_emb\.inv_freq$")
 
@@ -130,6 +128,7 @@ def _check_source(source: SourceCheckpoint) -> tuple[int, int, int]:
     return heads, kv_heads, head_dim
 
 
+@atomic_destination
 def convert_gqa_to_mla(src, dst, *, kv_lora_rank: int, rope_dim: int, freqfold: int = defaults.GQA_TO_MLA_FREQFOLD,
                        calib_text=None, calib_tokens: int = defaults.GQA_TO_MLA_CALIB_TOKENS,
                        calib_window: int = defaults.GQA_TO_MLA_CALIB_WINDOW,
@@ -140,12 +139,13 @@ def convert_gqa_to_mla(src, dst, *, kv_lora_rank: int, rope_dim: int, freqfold: 
     ``dtype`` of the written weights: None keeps the source's. The evaluation text (the
     wikitext-2 test split, recognised by content) is refused as ``calib_text`` unless
     ``allow_eval_text``. The defaults are
-    `mla-plugin convert gqa-to-mla`'s (convert/defaults.py).
+    `mla-plugin convert gqa-to-mla`'s (convert/defaults.py). ``dst`` appears whole or not at all
+    (convert/destination.py).
     """
     source, dst = read_source(src), Path(dst)
     heads, kv_heads, head_dim = _check_source(source)
     check_layer_count(source)
-    check_destination(dst)
+    _check_attention_tensors(source)
     plan = _latent_plan(heads=heads, kv_heads=kv_heads, head_dim=head_dim, rope_dim=rope_dim,
                         kv_lora_rank=kv_lora_rank, freqfold=freqfold, balance=balance)
     out_dtype = _output_dtype(dtype)
@@ -161,7 +161,6 @@ def convert_gqa_to_mla(src, dst, *, kv_lora_rank: int, rope_dim: int, freqfold: 
     if source.has_index:
         write_index(dst, weight_map)
     copy_side_files(source.path, dst, skip=("config.json", INDEX_NAME))
-    shutil.copy2(REMOTE_CODE, dst / REMOTE_CODE.name)
 
     theta, rope_inv_freq = _declared_rope(source.config, plan, source_freq)
     settings = dict(kv_lora_rank=plan.kv_lora_rank, rope_dim=plan.rope_dim, freqfold=freqfold, balance=balance,
@@ -171,7 +170,7 @@ def convert_gqa_to_mla(src, dst, *, kv_lora_rank: int, rope_dim: int, freqfold: 
                                  converted_from=dict(architecture=(source.config.get("architectures") or ["?"])[0],
                                                      **settings))
     out_config = _deepseek_config(source.config, plan, theta, fmt, dtype)
-    (dst / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+    write_config(dst, out_config)  # declares MLAPluginDeepseekV2ForCausalLM, writes the modeling file
     return _report(source.config, plan, layout, calibration=calibration, alphas=alphas,
                    explicit_rope=rope_inv_freq is not None)
 
@@ -288,16 +287,22 @@ def _file_outputs(entries: dict, new_shapes: dict[str, list[int]], out_dtype: to
     return outputs
 
 
+def _check_attention_tensors(source: SourceCheckpoint) -> None:
+    """Every layer has its q/k/v/o_proj weights and no o_proj bias (checked before any writing)."""
+    for layer in range(source.config["num_hidden_layers"]):
+        p = f"model.layers.{layer}.self_attn."
+        missing = [f"{p}{k}_proj.weight" for k in "qkvo" if f"{p}{k}_proj.weight" not in source.tensors]
+        if missing:
+            raise ConversionError(f"{source.path}: missing tensors {missing}; restore the missing weights")
+        if f"{p}o_proj.bias" in source.tensors:
+            raise ConversionError(f"{p}o_proj has a bias; DeepSeek-V2's o_proj has none")
+
+
 def _convert_attention(source: SourceCheckpoint, plan: LatentPlan, layer: int, moment: torch.Tensor | None,
                        new_shapes: dict[str, list[int]]) -> tuple[dict[str, torch.Tensor], float]:
     """One layer's new attention tensors (float64; zero biases where the output declares a bias
     this layer lacks) and its K/V balance factor α."""
     p = f"model.layers.{layer}.self_attn."
-    missing = [f"{p}{k}_proj.weight" for k in "qkvo" if f"{p}{k}_proj.weight" not in source.tensors]
-    if missing:
-        raise ConversionError(f"missing tensors: {missing}")
-    if f"{p}o_proj.bias" in source.tensors:
-        raise ConversionError(f"{p}o_proj has a bias; DeepSeek-V2's o_proj has none")
     out = convert_layer(plan, w_q=source.read(p + "q_proj.weight"), b_q=source.read(p + "q_proj.bias"),
                         w_k=source.read(p + "k_proj.weight"), b_k=source.read(p + "k_proj.bias"),
                         w_v=source.read(p + "v_proj.weight"), b_v=source.read(p + "v_proj.bias"),
@@ -373,8 +378,8 @@ def _deepseek_config(src: dict, plan: LatentPlan, theta: float, fmt: LatentCheck
             "rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range", "hidden_act")
     out = {k: src[k] for k in keep if k in src}
     out.update(
-        architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2",
-        auto_map={"AutoModelForCausalLM": "modeling_mla_plugin.LatentConvertedDeepseekV2ForCausalLM"},
+        # Not an ordinary DeepSeek-V2 (no latent RMSNorm): an architecture only mla_plugin serves.
+        architectures=[CONVERTED_ARCHITECTURE], model_type="deepseek_v2", auto_map=dict(CONVERTED_AUTO_MAP),
         dtype=dtype or src.get("dtype", src.get("torch_dtype", "float32")),
         num_attention_heads=plan.heads, num_key_value_heads=plan.heads,
         q_lora_rank=None, kv_lora_rank=plan.kv_lora_rank, qk_rope_head_dim=plan.rope_dim,

@@ -37,13 +37,14 @@ from mla_plugin.convert.calibration_fit import (
     fold_shard_scales,
     latent_second_moment,
 )
+from mla_plugin.convert.declared_config import write_config
 from mla_plugin.convert.defaults import CALIBRATE_MODES
 from mla_plugin.convert.pipeline import (
     ConversionError,
     SourceCheckpoint,
     TensorEntry,
+    atomic_destination,
     check_config_types,
-    check_destination,
     check_layer_count,
     copy_side_files,
     progress_reporter,
@@ -89,9 +90,9 @@ MLA_CONFIG_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "k
                    "qk_rope_head_dim", "v_head_dim")
 
 
-def _check_inputs(source: SourceCheckpoint, dst: Path, options: ShardedLatentOptions) -> ShardingPlan:
+def _check_inputs(source: SourceCheckpoint, options: ShardedLatentOptions) -> ShardingPlan:
     """The source must be a stock DeepSeek-V2 (MLA) checkpoint whose config types and layer count
-    match its weights, the destination new or empty."""
+    match its weights."""
     src, config = source.path, source.config
     if config.get("model_type") != "deepseek_v2" or "kv_lora_rank" not in config:
         arch = ", ".join(config.get("architectures") or [config.get("model_type", "unknown")])
@@ -118,7 +119,6 @@ def _check_inputs(source: SourceCheckpoint, dst: Path, options: ShardedLatentOpt
             "and has no latent RMSNorm, or carries biases / its own rope frequencies; the sharded-latent "
             "layout does not support such checkpoints yet. Serve it with --attention-backend mla_plugin.")
     check_layer_count(source)
-    check_destination(dst)
     return options.resolve(latent_dim=config["kv_lora_rank"], num_heads=config["num_attention_heads"], tp_size=1)
 
 
@@ -138,8 +138,10 @@ def _attention_weights_by_layer(source: SourceCheckpoint) -> dict[int, dict[str,
         match = _LAYER_KEY.match(name)
         if match:
             found.setdefault(int(match.group(1)), {})[match.group(2)] = entry
-    if not found:
-        raise ConversionError("no MLA attention weights (kv_a_proj_with_mqa, kv_b_proj) found")
+    missing = sorted(set(range(source.config["num_hidden_layers"])) - set(found))
+    if missing:
+        raise ConversionError(f"{source.path}: layers {missing} have no MLA attention weights (kv_a_proj_with_mqa, "
+                              "kv_a_layernorm, kv_b_proj); restore the missing weights")
     return found
 
 
@@ -256,6 +258,7 @@ def _calibration_summary(calibration: _Calibration) -> tuple[dict, list[str]]:
     return record, lines
 
 
+@atomic_destination
 def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_GLA_SOFTMAX,
                        rmsnorm: str = defaults.MLA_TO_GLA_RMSNORM, basis: str = defaults.MLA_TO_GLA_BASIS,
                        logit_scale=defaults.MLA_TO_GLA_LOGIT_SCALE, calib_text=None,
@@ -270,7 +273,7 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_
     are used in windows of ``calib_window``; they load the source model once with
     transformers (float32, whole model in memory). The evaluation text (the wikitext-2 test
     split, recognised by content) is refused as ``calib_text`` unless ``allow_eval_text``. The defaults are `mla-plugin convert
-    mla-to-gla`'s (convert/defaults.py).
+    mla-to-gla`'s (convert/defaults.py). ``dst`` appears whole or not at all (convert/destination.py).
     """
     source, dst = read_source(src), Path(dst)
     if basis not in CONVERTER_BASES:
@@ -279,7 +282,7 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_
         raise ConversionError(f"logit_scale (--logit-scale) must be a number or 'auto', got {logit_scale!r}")
     calib_path = _check_calibration(basis, softmax, calib_text, calibrate, calib_tokens, calib_window,
                                     allow_eval_text)
-    runtime, plan = _runtime_options(source, dst, shards=shards, softmax=softmax, rmsnorm=rmsnorm,
+    runtime, plan = _runtime_options(source, shards=shards, softmax=softmax, rmsnorm=rmsnorm,
                                      logit_scale=logit_scale)
     progress = progress_reporter(show_progress)
     calibration = None
@@ -296,7 +299,7 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_
     copied = _write_weights(source, dst, replaced, progress)
     copy_side_files(source.path, dst, skip=("config.json",))  # the index too: names and files are kept
     config = _output_config(source.config, runtime, plan, basis, calib_record)
-    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_config(dst, config)  # declares the architecture; the modeling file where not plain MLA
     d_c, d_r = config["kv_lora_rank"], config["qk_rope_head_dim"]
     return ConversionReport(
         layers=len(replaced) // 3, shards=plan.shards, options=config[CONFIG_KEY],
@@ -306,14 +309,14 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_
     )
 
 
-def _runtime_options(source: SourceCheckpoint, dst: Path, *, shards: int, softmax: str, rmsnorm: str,
+def _runtime_options(source: SourceCheckpoint, *, shards: int, softmax: str, rmsnorm: str,
                      logit_scale) -> tuple[ShardedLatentOptions, ShardingPlan]:
     """The options the converted checkpoint declares (basis applied already), checked against the source."""
     try:
         runtime = ShardedLatentOptions.from_config(dict(
             shards=shards, softmax=softmax, rmsnorm=rmsnorm, basis="identity",
             logit_scale=logit_scale, layout="sharded_latent"))
-        return runtime, _check_inputs(source, dst, runtime)
+        return runtime, _check_inputs(source, runtime)
     except ValueError as err:
         raise ConversionError(str(err)) from None
 

@@ -3,7 +3,9 @@
     source = read_source(src)                  config.json and the safetensors files
     check_config_types(source, ints=...)       config.json values of the right types
     check_layer_count(source)                  num_hidden_layers against the weights' layers
-    check_destination(dst)                     a new or empty folder, checked before any work
+    @atomic_destination                        DST written whole or not at all (destination.py):
+                                               checked new or empty, locked, staged beside DST,
+                                               checked again and renamed into place at the end
     progress = progress_reporter(enabled)      the long loops under a tqdm bar
     write_streamed(dst / name, entries, ...)   one output file, tensor by tensor
     write_index(dst, weight_map)               model.safetensors.index.json, when the source has one
@@ -12,6 +14,8 @@
 Every check on the source (config types, layer count, every shard the index names
 present, every safetensors header readable and covering its file) runs before the first
 byte is written; a failed check raises ``ConversionError`` (an ``MLAPluginInputError``).
+The converters write into a staging folder that becomes DST only when the conversion
+succeeded, so a failed, interrupted or concurrent conversion never leaves a partial DST.
 
 Streaming: a source tensor is read only when it is written (or when a converter asks for
 it), so memory holds the largest tensor, not the checkpoint.
@@ -27,15 +31,11 @@ from typing import Callable
 
 import torch
 
+from mla_plugin.convert.destination import ConversionError, atomic_destination  # noqa: F401 (re-exported)
 from mla_plugin.convert.safetensors_stream import StreamingWriter, read_tensor, tensor_entries
-from mla_plugin.errors import MLAPluginInputError
 
 INDEX_NAME = "model.safetensors.index.json"
 _LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
-
-
-class ConversionError(MLAPluginInputError):
-    """Bad input for a converter: the message says what and how to fix it."""
 
 
 def _read_json(path: Path, what: str):
@@ -142,13 +142,6 @@ def check_layer_count(source: SourceCheckpoint) -> None:
         held = f"layers {min(found)}..{max(found)} ({len(found)} distinct)" if found else "no model.layers.* tensors"
         raise ConversionError(f"{source.path / 'config.json'} says num_hidden_layers = {declared}, the weights hold "
                               f"{held}; fix num_hidden_layers or the weights")
-
-
-def check_destination(dst: Path) -> None:
-    if dst.exists() and not dst.is_dir():
-        raise ConversionError(f"{dst} is a file; give a new or empty folder")
-    if dst.exists() and any(dst.iterdir()):
-        raise ConversionError(f"{dst} exists and is not empty; give a new or empty folder")
 
 
 def progress_bar(items, desc: str, enabled: bool):

@@ -5,9 +5,13 @@ the very start, non-overlapping windows (stride = window, remainder dropped), ev
 token after the first of a window scored, ppl = exp(mean over windows of the window's
 mean NLL). This is the protocol behind DeepSeek-V2-Lite's published 6.3102.
 
-Engines: ``transformers`` (the reference) and ``vllm`` (prompt logprobs; any attention
-backend, TP size and hf_overrides). The windowing itself is in ``mla_plugin.text_windows``
-(no vLLM, no transformers), which the converters' calibration shares.
+Engines: ``transformers`` (the reference; ``scoring_transformers.py``) and ``vllm`` (any
+attention backend, TP size and hf_overrides; ``scoring_vllm.py``). Scoring modes:
+``prefill`` scores each window's prompt logprobs (the model's prefill); ``decode`` feeds
+the window's first token and scores every later token as a generated one, forced onto the
+reference text (through vLLM's decode path, or transformers' KV cache). The windowing
+itself is in ``mla_plugin.text_windows`` (no vLLM, no transformers), which the
+converters' calibration shares.
 """
 
 import json
@@ -20,10 +24,14 @@ from mla_plugin.text_windows import make_windows, read_text_file, tokenize_once
 
 ENGINES = ("vllm", "transformers")
 DTYPES = ("float32", "bfloat16", "float16")
+SCORE_MODES = ("prefill", "decode")
 # Defaults of perplexity() and of `mla-plugin ppl` (the CLI reads these).
 DEFAULT_ENGINE = "vllm"
 DEFAULT_WINDOW = 2048
 DEFAULT_DTYPE = "bfloat16"
+DEFAULT_SCORE = "prefill"
+# Engine options both engines take; every other option is an LLM(...) keyword argument (vLLM only).
+SHARED_ENGINE_OPTIONS = ("batch",)
 
 
 class TextUnavailableError(MLAPluginInputError):
@@ -36,10 +44,13 @@ def _looks_like_local_path(model: str) -> bool:
             or "\\" in model)
 
 
-def check_arguments(model, *, engine: str, window: int, max_windows: int | None, dtype: str) -> None:
+def check_arguments(model, *, engine: str, window: int, max_windows: int | None, dtype: str,
+                    score: str = DEFAULT_SCORE) -> None:
     """Refuse bad arguments before any text is read or any engine starts."""
     if engine not in ENGINES:
         raise MLAPluginInputError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if score not in SCORE_MODES:
+        raise MLAPluginInputError(f"score must be one of {', '.join(SCORE_MODES)}, got {score!r}")
     if dtype not in DTYPES:
         raise MLAPluginInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
@@ -68,12 +79,14 @@ class PerplexityResult:
     mean_nll: float
     ppl: float
     text_tokens: int
+    score: str = DEFAULT_SCORE
     options: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         opts = " ".join(f"{k}={v}" for k, v in self.options.items() if v not in (None, {}, ""))
         return (f"model {self.model} | engine {self.engine}{' (' + opts + ')' if opts else ''} | "
-                f"window {self.window} | windows {self.windows} | tokens scored {self.tokens_scored} "
+                f"score {self.score} | window {self.window} | windows {self.windows} | "
+                f"tokens scored {self.tokens_scored} "
                 f"(of {self.text_tokens}) | ppl {self.ppl:.4f}")
 
     def to_json(self) -> str:
@@ -102,51 +115,98 @@ def perplexity_from_window_nlls(window_nlls: list[float]) -> float:
     return math.exp(sum(window_nlls) / len(window_nlls))
 
 
-def _score_transformers(model_path: str, windows, dtype: str, progress) -> list[float]:
-    import torch
-    from transformers import AutoModelForCausalLM
+class _Progress:
+    """A tqdm bar over windows, or nothing."""
 
-    # Checkpoints from `mla-plugin convert gqa-to-mla` carry their own modeling file.
-    config = json.loads((Path(model_path) / "config.json").read_text()) if (Path(model_path) / "config.json").exists() else {}
-    remote = "auto_map" in config and "mla_plugin" in config
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), trust_remote_code=remote).eval()
-    nlls = []
-    with torch.no_grad():
-        for window in progress(windows):
-            ids = torch.tensor([window])
-            logits = model(ids).logits[0, :-1].double()  # row t predicts token t + 1
-            logprobs = torch.log_softmax(logits, dim=-1)
-            nll = -logprobs.gather(1, ids[0, 1:, None]).mean()
-            nlls.append(float(nll))
-    return nlls
+    def __init__(self, show: bool, total: int, desc: str) -> None:
+        self.bar = None
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="window")
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def _score_vllm(model_path: str, windows, dtype: str, progress, *, attention_backend=None,
-                tensor_parallel_size: int = 1, hf_overrides=None, batch: int = 8,
-                **engine_kwargs) -> list[float]:
-    from vllm import LLM, SamplingParams
+class PerplexityScorer:
+    """One model in one engine, scoring texts by the protocol in either mode.
 
-    window = len(windows[0])
-    llm = LLM(
-        model_path, dtype=dtype, attention_backend=attention_backend,
-        tensor_parallel_size=tensor_parallel_size, hf_overrides=hf_overrides,
-        max_model_len=window + 1, max_num_seqs=batch, seed=0, **engine_kwargs,
-    )
-    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0, detokenize=False)
-    nlls = []
-    try:
-        chunks = [windows[i : i + batch] for i in range(0, len(windows), batch)]
-        for chunk in progress(chunks, unit_scale=batch):
-            outs = llm.generate([{"prompt_token_ids": w} for w in chunk], params, use_tqdm=False)
-            for out, w in zip(outs, chunk):
-                scored = [out.prompt_logprobs[t][w[t]].logprob for t in range(1, len(w))]
-                nlls.append(-sum(scored) / len(scored))
-    finally:
-        del llm
-        from mla_plugin.vllm.engine import release_engine
+    The engine starts on the first scoring (after the text and its windows are checked)
+    and serves every later one, so prefill and decode scoring share one engine start::
 
-        release_engine()
-    return nlls
+        with PerplexityScorer(model, engine="vllm", window=128, dtype="float32",
+                              attention_backend="mla_plugin") as scorer:
+            prefill = scorer.perplexity(text, max_windows=4, score="prefill")
+            decode = scorer.perplexity(text, max_windows=4, score="decode")
+    """
+
+    def __init__(self, model: str, *, engine: str = DEFAULT_ENGINE, window: int = DEFAULT_WINDOW,
+                 dtype: str = DEFAULT_DTYPE, show_progress: bool = True, **engine_options) -> None:
+        check_arguments(model, engine=engine, window=window, max_windows=None, dtype=dtype)
+        if engine == "transformers" and set(engine_options) - set(SHARED_ENGINE_OPTIONS):
+            raise MLAPluginInputError(f"{', '.join(sorted(set(engine_options) - set(SHARED_ENGINE_OPTIONS)))}: "
+                                      "vLLM engine options; use engine='vllm' or leave them out")
+        from transformers import AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+        except OSError as err:
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise MLAPluginInputError(f"cannot load the tokenizer of {model}: {first_line}") from None
+        self.model, self.engine, self.window, self.dtype = str(model), engine, window, dtype
+        self.show_progress = show_progress
+        self.engine_options = engine_options
+        self._scorer = None
+
+    def _engine(self):
+        if self._scorer is None:
+            if self.engine == "transformers":
+                from mla_plugin.eval.scoring_transformers import TransformersScorer
+
+                self._scorer = TransformersScorer(self.model, dtype=self.dtype, **self.engine_options)
+            else:
+                from mla_plugin.eval.scoring_vllm import VLLMScorer
+
+                self._scorer = VLLMScorer(self.model, window=self.window, dtype=self.dtype, **self.engine_options)
+        return self._scorer
+
+    def perplexity(self, text: str | None = None, *, text_path: str | Path | None = None,
+                   max_windows: int | None = None, score: str = DEFAULT_SCORE) -> PerplexityResult:
+        check_arguments(self.model, engine=self.engine, window=self.window, max_windows=max_windows,
+                        dtype=self.dtype, score=score)
+        if text is None:
+            text = load_text(text_path)
+        ids = tokenize_once(self.tokenizer, text)
+        windows = make_windows(ids, self.window, max_windows)
+        progress = _Progress(self.show_progress, len(windows), f"ppl {self.engine} {score}")
+        try:
+            nlls = self._engine().window_nlls(windows, score, progress)
+        finally:
+            progress.close()
+        return PerplexityResult(
+            model=self.model, engine=self.engine, window=self.window, windows=len(windows),
+            tokens_scored=len(windows) * (self.window - 1), mean_nll=sum(nlls) / len(nlls),
+            ppl=perplexity_from_window_nlls(nlls), text_tokens=len(ids), score=score,
+            options={k: v for k, v in self.engine_options.items() if k in
+                     ("attention_backend", "tensor_parallel_size", "hf_overrides")},
+        )
+
+    def close(self) -> None:
+        if self._scorer is not None:
+            scorer, self._scorer = self._scorer, None
+            scorer.close()
+
+    def __enter__(self) -> "PerplexityScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def perplexity(
@@ -158,42 +218,20 @@ def perplexity(
     window: int = DEFAULT_WINDOW,
     max_windows: int | None = None,
     dtype: str = DEFAULT_DTYPE,
+    score: str = DEFAULT_SCORE,
     show_progress: bool = True,
     **engine_options,
 ) -> PerplexityResult:
     """Perplexity of ``model`` by the protocol above, with one of the two engines.
 
     The defaults are `mla-plugin ppl`'s: engine vllm, window 2048, dtype bfloat16 (pass
-    ``dtype="float32"`` to compare engines or backends at tight tolerances).
+    ``dtype="float32"`` to compare engines or backends at tight tolerances), score prefill
+    (``score="decode"`` scores every token through the decode path; slower). To score
+    both ways on one engine start, use :class:`PerplexityScorer`.
     """
-    check_arguments(model, engine=engine, window=window, max_windows=max_windows, dtype=dtype)
+    check_arguments(model, engine=engine, window=window, max_windows=max_windows, dtype=dtype, score=score)
     if text is None:
         text = load_text(text_path)
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model)
-    except OSError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise MLAPluginInputError(f"cannot load the tokenizer of {model}: {first_line}") from None
-    ids = tokenize_once(tokenizer, text)
-    windows = make_windows(ids, window, max_windows)
-
-    def progress(items, unit_scale=1):
-        if not show_progress:
-            return items
-        from tqdm import tqdm
-
-        return tqdm(items, desc=f"ppl {engine}", unit="window" if unit_scale == 1 else f"x{unit_scale} windows")
-
-    if engine == "transformers":
-        nlls = _score_transformers(model, windows, dtype, progress)
-    else:
-        nlls = _score_vllm(model, windows, dtype, progress, **engine_options)
-    return PerplexityResult(
-        model=str(model), engine=engine, window=window, windows=len(windows),
-        tokens_scored=len(windows) * (window - 1), mean_nll=sum(nlls) / len(nlls),
-        ppl=perplexity_from_window_nlls(nlls), text_tokens=len(ids),
-        options={k: v for k, v in engine_options.items() if k in
-                 ("attention_backend", "tensor_parallel_size", "hf_overrides")},
-    )
+    with PerplexityScorer(model, engine=engine, window=window, dtype=dtype, show_progress=show_progress,
+                          **engine_options) as scorer:
+        return scorer.perplexity(text, max_windows=max_windows, score=score)

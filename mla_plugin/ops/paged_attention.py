@@ -40,6 +40,7 @@ from collections.abc import Callable
 
 import torch
 
+from mla_plugin.ops.kernel_choice import KERNEL_CALLS, kernel_for
 from mla_plugin.ops.sharded_latent import ONE_SLICE, LatentSlices, compute_dtype_for
 
 # Upper bound on one chunk's working set (gathered rows + logits), in elements.
@@ -303,6 +304,7 @@ def paged_latent_attention(
     max_seq_len: int | None = None,
     chunk_tokens: int | None = None,
     return_lse: bool = False,
+    kernel: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal latent attention over a paged cache; ``out[T, H, d_loc]`` (and ``lse[T, H]``).
 
@@ -321,8 +323,21 @@ def paged_latent_attention(
     ``chunk_tokens`` so their all-reduces pair up. ``chunk_tokens`` bounds the context
     processed at once (rounded down to whole blocks; the default depends only on values
     all ranks share).
+
+    ``kernel`` picks the implementation: ``"torch"`` (this module) or ``"triton"``
+    (``triton_paged_attention.py``, the same function); None follows ``MLA_PLUGIN_KERNEL``
+    and otherwise takes Triton on CUDA (``kernel_choice.py``).
     """
     _check_inputs(q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, slices, all_reduce, return_lse)
+    kernel = kernel_for(q_latent.device, q_latent.dtype, kernel)
+    KERNEL_CALLS[kernel] += 1
+    if kernel == "triton":
+        from mla_plugin.ops.triton_paged_attention import triton_paged_latent_attention
+
+        return triton_paged_latent_attention(
+            q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, scale, slices, all_reduce,
+            max_seq_len, return_lse,
+        )
     tokens, heads, d_loc = q_latent.shape
     d_r = q_rope.shape[-1]
     num_blocks, block_size, _ = cache.shape

@@ -25,15 +25,26 @@ from vllm.model_executor.layers.attention.mla_attention import (
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear
 from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding, get_rope
+from vllm.model_executor.models import ModelRegistry
 from vllm.model_executor.utils import replace_parameter
 from vllm.platforms import current_platform
-from vllm.v1.attention.backend import AttentionLayer, MultipleOf
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionLayer, MultipleOf
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from mla_plugin.vllm.touch_points import SUPPORTED_VLLM, vllm_version, vllm_version_supported
 
 # Imported lazily (by vLLM, when a DeepSeek model is served): the import hook waits for it.
 DEEPSEEK_V2_MODULE = "vllm.model_executor.models.deepseek_v2"
+
+
+def __getattr__(name: str):
+    """DeepseekV2ForCausalLM, imported from vLLM's DeepSeek-V2 module on first use (it is heavy)."""
+    if name == "DeepseekV2ForCausalLM":
+        import importlib
+
+        return importlib.import_module(DEEPSEEK_V2_MODULE).DeepseekV2ForCausalLM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def yarn_get_mscale(scale: float, mscale: float) -> float:
@@ -47,13 +58,19 @@ __all__ = [
     "DEEPSEEK_V2_MODULE",
     "SUPPORTED_VLLM",
     "AttentionBackendEnum",
+    "AttentionCGSupport",
     "AttentionLayer",
+    "BatchUpdate",
     "ColumnParallelLinear",
+    "DeepseekV2ForCausalLM",
+    "LogitsProcessor",
     "MLAAttention",
     "MLACommonBackend",
     "MLACommonImpl",
     "MLACommonMetadata",
     "MLACommonMetadataBuilder",
+    "ModelRegistry",
+    "MoveDirectionality",
     "MultipleOf",
     "RMSNorm",
     "ReplicatedLinear",

@@ -42,6 +42,10 @@ def patch_deepseek_v2(module) -> None:
                     "--attention-backend mla_plugin")
             on_backend_selected(GLA_BACKEND_NAME)
             return ShardedLatentDeepseekAttention(*args, **kwargs)
+        from mla_plugin.vllm.compat import get_tensor_model_parallel_world_size
+        from mla_plugin.vllm.declared_backend import check_layer_backend
+
+        check_layer_backend(config, sharded_layer=False, tp_size=get_tensor_model_parallel_world_size())
         attn = original(*args, **kwargs)
         if not fmt.is_stock:
             from mla_plugin.vllm.checkpoint_format_hook import apply_checkpoint_format

@@ -21,11 +21,13 @@ import torch
 from mla_plugin import GLA_BACKEND_NAME
 from mla_plugin.gla_options import ShardingPlan
 from mla_plugin.ops import LatentSlices, paged_latent_attention
+from mla_plugin.ops.kernel_choice import kernel_for
 from mla_plugin.vllm.compat import AttentionLayer, MLACommonMetadataBuilder
 from mla_plugin.vllm.mla_backend import (
     MLAPluginBackend,
     MLAPluginImpl,
     MLAPluginMetadata,
+    cudagraph_support,
     note_decode_call,
 )
 
@@ -40,6 +42,10 @@ class ShardedLatentMetadataBuilder(MLACommonMetadataBuilder[ShardedLatentMetadat
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device,
                          metadata_cls=ShardedLatentMetadata)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+        return cudagraph_support(vllm_config)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -126,7 +132,8 @@ class ShardedLatentImpl(MLAPluginImpl):
         note_decode_call(self.backend_name, kv_c_and_k_pe_cache,
                          f"d_loc={self.kv_lora_rank} d_R={self.qk_rope_head_dim} "
                          f"shards={self.plan.shard_offset}+{self.plan.shards_local}/"
-                         f"{self.plan.shards} softmax={self.plan.softmax}")
+                         f"{self.plan.shards} softmax={self.plan.softmax} "
+                         f"kernel={kernel_for(q_latent.device, q_latent.dtype)}")
         batch = attn_metadata.num_decodes
         # Decodes come first, one query each (MLACommonMetadataBuilder: SINGLE_ONLY).
         out = self._attend(q_latent, q_rope, kv_c_and_k_pe_cache, attn_metadata.query_start_loc[: batch + 1],

@@ -17,13 +17,16 @@ import torch
 
 from mla_plugin import MLA_BACKEND_NAME
 from mla_plugin.ops import paged_latent_attention, write_latent_cache
+from mla_plugin.ops.kernel_choice import kernel_for
 from mla_plugin.vllm.compat import (
+    AttentionCGSupport,
     AttentionLayer,
     MLACommonBackend,
     MLACommonImpl,
     MLACommonMetadata,
     MLACommonMetadataBuilder,
     MultipleOf,
+    current_platform,
 )
 
 logger = logging.getLogger("vllm.mla_plugin")
@@ -94,11 +97,29 @@ class MLAPluginMetadata(MLACommonMetadata):
             raise ValueError(f"latent cache row width must be positive, got {self.head_dim}")
 
 
+def cudagraph_support(vllm_config) -> "AttentionCGSupport":
+    """What our decode allows CUDA graphs to capture.
+
+    The Triton kernels (CUDA, ``kernel_choice.kernel_for``) read no tensor on the host
+    and size every launch from the batch size and heads alone: single-token decode batches
+    can be captured. The plain-torch code loops over the context with a host bound, so
+    it is never captured. An unknown MLA_PLUGIN_KERNEL fails here, at start-up.
+    """
+    if not current_platform.is_cuda_alike():
+        return AttentionCGSupport.NEVER
+    kernel = kernel_for(torch.device("cuda"), vllm_config.model_config.dtype)
+    return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE if kernel == "triton" else AttentionCGSupport.NEVER
+
+
 class MLAPluginMetadataBuilder(MLACommonMetadataBuilder[MLAPluginMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(
             kv_cache_spec, layer_names, vllm_config, device, metadata_cls=MLAPluginMetadata
         )
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> "AttentionCGSupport":
+        return cudagraph_support(vllm_config)
 
 
 class MLAPluginBackend(MLACommonBackend):
@@ -189,7 +210,8 @@ class MLAPluginImpl(MLACommonImpl[MLAPluginMetadata]):
             self.backend_name,
             kv_c_and_k_pe_cache,
             f"d_c={self.kv_lora_rank} d_R={self.qk_rope_head_dim} "
-            f"block_size={kv_c_and_k_pe_cache.shape[1]} dtype={kv_c_and_k_pe_cache.dtype}",
+            f"block_size={kv_c_and_k_pe_cache.shape[1]} dtype={kv_c_and_k_pe_cache.dtype} "
+            f"kernel={kernel_for(q_latent.device, q_latent.dtype)}",
         )
         batch = attn_metadata.num_decodes
         # Decodes come first, one query each (MLACommonMetadataBuilder: SINGLE_ONLY); the

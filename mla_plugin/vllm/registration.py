@@ -18,15 +18,20 @@ What ``register()`` does, idempotently:
    the CPU platform otherwise forces to 16 for every MLA model.
 5. Has vLLM's DeepSeek-V2 attention replaced, once that module is imported, where the
    sharded-latent layout or a converted checkpoint asks for it (deepseek_hook.py).
+6. Registers the architecture converted checkpoints declare (model_registry.py), and
+   refuses an explicit backend that would compute a different model than the checkpoint
+   declares (declared_backend.py).
 
-With no request for our backends, nothing vLLM does changes.
+With no request for our backends and no checkpoint declaring attention of its own (a
+converted one), nothing vLLM does changes.
 """
 
 import functools
 import logging
 
-from mla_plugin import GLA_BACKEND_NAME, MLA_BACKEND_NAME
+from mla_plugin import GLA_BACKEND_NAME
 from mla_plugin.vllm.backends import BACKENDS, on_backend_selected, requested_backend
+from mla_plugin.vllm.model_registry import register_converted_architecture
 
 logger = logging.getLogger("vllm.mla_plugin")
 
@@ -50,6 +55,7 @@ def register() -> None:
                        " and ".join(SUPPORTED_VLLM), vllm_version())
     for name in BACKENDS:
         backend_member(name)
+    register_converted_architecture()
     _install_platform_hooks()
     # The sharded-latent layout replaces DeepseekV2's attention module where requested.
     when_imported(DEEPSEEK_V2_MODULE, patch_deepseek_v2)
@@ -108,20 +114,23 @@ def validate_request(vllm_config, name: str) -> None:
 
 
 def declared_layout_backend(vllm_config) -> str | None:
-    """A converted checkpoint asks for its backend itself: MLA_PLUGIN_GLA for the
-    sharded-latent layout, MLA_PLUGIN for one converted from GQA (any latent width;
-    vLLM's own CPU backend takes only 512 + 64)."""
-    from mla_plugin.checkpoint_format import format_of
-    from mla_plugin.gla_options import CONFIG_KEY
+    """A converted checkpoint asks for its backend itself (declared_backend.py)."""
+    from mla_plugin.vllm.declared_backend import declared_backend
 
     model_config = getattr(vllm_config, "model_config", None)
-    hf_config = getattr(model_config, "hf_config", None)
-    options = getattr(hf_config, CONFIG_KEY, None)
-    if isinstance(options, dict) and options.get("layout") == "sharded_latent":
-        return GLA_BACKEND_NAME
-    if isinstance(options, dict) and not format_of(hf_config).is_stock:
-        return MLA_BACKEND_NAME
-    return None
+    return declared_backend(getattr(model_config, "hf_config", None))
+
+
+def check_declared_layout(vllm_config) -> None:
+    """Refuse an explicit backend that would compute a different model than the checkpoint's."""
+    from mla_plugin.vllm.declared_backend import check_requested_backend
+
+    model_config = getattr(vllm_config, "model_config", None)
+    if model_config is None:
+        return
+    backend = getattr(vllm_config.attention_config, "backend", None)
+    check_requested_backend(str(model_config.model), model_config.hf_config, getattr(backend, "name", None),
+                            vllm_config.parallel_config.tensor_parallel_size)
 
 
 def _install_platform_hooks() -> None:
@@ -150,6 +159,7 @@ def _install_platform_hooks() -> None:
         return original_select(cls, selected_backend, attn_selector_config, *args, **kwargs)
 
     def check_and_update_config(cls, vllm_config):
+        check_declared_layout(vllm_config)
         name = requested_backend(vllm_config)
         declared = declared_layout_backend(vllm_config)
         if declared is not None and name is None and vllm_config.attention_config.backend is None:

@@ -1,5 +1,6 @@
 """gqa-to-mla end to end on wikitext-2 (transformers, no vLLM): the trained GQA fixture's
-perplexity after each stage, and the report of a calibrated conversion."""
+perplexity after each stage, and the report of a calibrated conversion. Calibrated on the
+held-out tail of the validation text, which the fixture was not trained on."""
 
 import json
 
@@ -10,6 +11,7 @@ from mla_plugin.convert.mla_to_gla import convert_mla_to_gla
 from mla_plugin.convert.pipeline import ConversionError
 from mla_plugin.eval.perplexity import perplexity
 from mla_plugin.fixtures import trained_fixture
+from tests.converters import calibration_text
 from tests.paths import wikitext_file
 
 
@@ -17,7 +19,7 @@ def test_stage_perplexities(tmp_path):
     """Trained GQA fixture: exact stage = original; partial RoPE and compression cost a little."""
     src = trained_fixture("llama-gqa-tiny")
     text = wikitext_file("test.raw.txt").read_text(encoding="utf-8")
-    calib = wikitext_file("valid.tokens.txt")
+    calib = calibration_text()
     stages = {"exact": dict(rope_dim=64, kv_lora_rank=64, calib_text=None),
               "partial": dict(rope_dim=16, kv_lora_rank=112, freqfold=2, calib_text=calib),
               "full": dict(rope_dim=16, kv_lora_rank=48, freqfold=2, calib_text=calib)}
@@ -38,7 +40,7 @@ def test_stage_perplexities(tmp_path):
 
 def test_report_counts_kv_values(tmp_path):
     report = convert_gqa_to_mla(trained_fixture("llama-gqa-tiny"), tmp_path / "out", rope_dim=16, kv_lora_rank=48,
-                                freqfold=2, calib_text=wikitext_file("valid.tokens.txt"), calib_tokens=2048,
+                                freqfold=2, calib_text=calibration_text(), calib_tokens=2048,
                                 show_progress=False)
     assert (report.kv_values_before, report.kv_values_after) == (128, 64)
     text = report.summary()

@@ -1,5 +1,6 @@
-"""mla-to-gla calibration end to end on wikitext-2 validation text (transformers, no vLLM):
-the capture (convert/calibration_capture.py) and calibrated conversions of a tiny model."""
+"""mla-to-gla calibration end to end (transformers, no vLLM): the capture
+(convert/calibration_capture.py) and calibrated conversions of a tiny model, calibrated on
+the held-out tail of the wikitext-2 validation text (tests/converters.calibration_text)."""
 
 import json
 import subprocess
@@ -12,10 +13,10 @@ from mla_plugin.convert.calibration_capture import capture_activations
 from mla_plugin.convert.calibration_fit import build_fit_problem
 from mla_plugin.convert.mla_to_gla import convert_mla_to_gla
 from mla_plugin.convert.pipeline import ConversionError
+from mla_plugin.fixtures.training_text import HELD_OUT_NAME
 from mla_plugin.ops.sharded_latent import latent_rmsnorm
-from tests.converters import tiny_deepseek
+from tests.converters import calibration_text, tiny_deepseek
 from tests.converters import transformers_logprobs as _logprobs
-from tests.paths import wikitext_file
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calib_text():
-    return wikitext_file("valid.tokens.txt")
+    return calibration_text()
 
 
 def test_captured_activations_reproduce_the_attention_output(tiny, calib_text):
@@ -70,8 +71,8 @@ def test_pca_act_exact_conversion_keeps_the_function(tiny, tmp_path, calib_text)
     config = json.loads((tmp_path / "out/config.json").read_text())
     used = config["mla_plugin"]["converted_with"]
     assert used["basis"] == "pca-act" and used["calibrate"] == "none"
-    assert (used["calib_text"], used["calib_tokens"], used["calib_window"]) == ("valid.tokens.txt", 512, 128)
-    assert "calibration: 4 windows x 128 tokens of valid.tokens.txt" in report.summary()
+    assert (used["calib_text"], used["calib_tokens"], used["calib_window"]) == (HELD_OUT_NAME, 512, 128)
+    assert f"calibration: 4 windows x 128 tokens of {HELD_OUT_NAME}" in report.summary()
     assert (_logprobs(tmp_path / "out") - _logprobs(tiny)).abs().max().item() < 1e-4
 
 

@@ -4,8 +4,7 @@ import pytest
 
 from mla_plugin.convert.gqa_to_mla import convert_gqa_to_mla
 from mla_plugin.vllm.mla_backend import DECODE_CALLS
-from tests.converters import exact_settings, gqa_sources
-from tests.paths import wikitext_file
+from tests.converters import calibration_text, exact_settings, gqa_sources
 from tests.vllm.engines import assert_matches_transformers, logprob_spread, run_engine
 
 
@@ -24,7 +23,7 @@ def test_exact_and_compressed_through_vllm(sources, tmp_path):
                            **exact_settings(sources[name]))
     compressed = tmp_path / "compressed"
     convert_gqa_to_mla(sources["llama-trained"], compressed, rope_dim=16, kv_lora_rank=48, freqfold=2,
-                       calib_text=wikitext_file("valid.tokens.txt"), calib_tokens=4096, dtype="float32",
+                       calib_text=calibration_text(), calib_tokens=4096, dtype="float32",
                        show_progress=False)
     before = DECODE_CALLS.get("MLA_PLUGIN", 0)
     for name, path in converted.items():

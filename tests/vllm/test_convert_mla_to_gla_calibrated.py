@@ -1,7 +1,8 @@
 """Calibrated mla-to-gla conversions of the trained fixture, served by vLLM with no flags.
 
 The fixture (deepseek-v2-tiny) is converted at g = 2 and g = 4 (partitioned softmax,
-global RMSNorm), calibrated on wikitext-2 *validation* text, and scored on the first
+global RMSNorm), calibrated on the held-out tail of the wikitext-2 *validation* text (the
+part the fixture was not trained on, tests/converters.calibration_text), and scored on the first
 WINDOWS windows of the *test* text. Per setting we keep every scored token's logprob,
 so the same run gives the perplexity (the protocol of mla_plugin.eval.perplexity) and the
 closeness to MLA token by token (mean |Δ logprob|), which is what the calibration fits.
@@ -29,8 +30,10 @@ import pytest
 from mla_plugin.convert.mla_to_gla import convert_mla_to_gla
 from mla_plugin.eval.perplexity import perplexity, perplexity_from_window_nlls
 from mla_plugin.fixtures import trained_fixture
+from mla_plugin.fixtures.training_text import HELD_OUT_NAME
 from mla_plugin.text_windows import make_windows, tokenize_once
 from mla_plugin.vllm.engine import exact_cpu_engine
+from tests.converters import calibration_text
 from tests.paths import wikitext_file
 
 WINDOW, WINDOWS = 256, 20
@@ -113,7 +116,7 @@ def mla(fixture_model, windows, test_text):
 def measured(request, fixture_model, windows, mla, tmp_path_factory):
     """setting -> {"ppl", "dlogp" (mean |Δ logprob| against MLA), "note"} at g = request.param."""
     g = request.param
-    calib_text = wikitext_file("valid.tokens.txt")
+    calib_text = calibration_text()
     out = {"MLA": dict(ppl=_ppl(mla), dlogp=0.0, note="")}
     work = tmp_path_factory.mktemp(f"calibrated_g{g}")
     for name, options in CONVERSIONS.items():
@@ -130,7 +133,7 @@ def measured(request, fixture_model, windows, mla, tmp_path_factory):
                                          logprobs=logprobs, note="")
     mla_ppl = out["MLA"]["ppl"]
     lines = [f"g = {g}: {WINDOWS} windows x {WINDOW} tokens of test.raw.txt; calibrated on "
-             f"{CALIB_TOKENS[g]} tokens of valid.tokens.txt"]
+             f"{CALIB_TOKENS[g]} tokens of {HELD_OUT_NAME}"]
     for name, row in out.items():
         lines.append(f"  {name:38s} ppl {row['ppl']:.4f} ({100 * (row['ppl'] / mla_ppl - 1):+.3f}% vs MLA)  "
                      f"mean |dlogp| vs MLA {row['dlogp']:.5f}  {row['note']}")

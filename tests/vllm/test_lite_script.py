@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from mla_plugin.fixtures import trained_fixture
+from tests.converters import calibration_text
 from tests.paths import REPO, wikitext_file
 
 
@@ -15,7 +16,7 @@ def test_lite_script_on_the_fixture(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts/deepseek_v2_lite_gla.py"), "--model", str(trained_fixture("deepseek-v2-tiny")),
          "--tp", "1", "--cpu", "--dtype", "float32", "--window", "128", "--max-windows", "4",
-         "--calib-tokens", "2048", "--calib-window", "128", "--calib-text", str(wikitext_file("valid.tokens.txt")),
+         "--calib-tokens", "2048", "--calib-window", "128", "--calib-text", str(calibration_text()),
          "--text", str(wikitext_file("test.raw.txt")), "--work", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,0 +1,244 @@
+"""The Triton kernels of the attention seam against the float64 references.
+
+On CPU they run in Triton's interpreter (``TRITON_INTERPRET=1``, set here before the
+kernels are defined); with ``-m gpu`` on a CUDA machine the same cases run compiled on the
+GPU, plus a CUDA-graph capture. Caches are NaN-poisoned with permuted block tables
+(``paged_cases.py``); interpreter cases stay small (about 0.5 s per call).
+"""
+
+import math
+
+import pytest
+import torch
+
+from mla_plugin.ops.kernel_choice import KERNEL_CALLS
+from mla_plugin.ops.paged_attention import paged_latent_attention
+from mla_plugin.ops.reference import absorbed_attention, sharded_latent_attention
+from mla_plugin.ops.sharded_latent import LatentSlices
+from tests.unit.paged_cases import (
+    MIXED_REQUESTS,
+    make_batch,
+    make_paged_case,
+    mla_reference,
+    per_request,
+    random_logit_scale,
+    rank_view,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        HAS_CUDA, reason="this process compiles the kernels for CUDA; the interpreter cases run on CPU-only machines")),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]),
+]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernel module: interpreted on a CPU-only machine (tests/conftest.py sets
+    TRITON_INTERPRET=1 before triton is imported), compiled on a GPU."""
+    import triton.runtime.interpreter as interpreter
+
+    import mla_plugin.ops.triton_paged_attention as module
+
+    assert isinstance(module._split_attention, interpreter.InterpretedFunction) == (not HAS_CUDA)
+    return module
+
+
+def tolerance(dtype, device):
+    if dtype == torch.float32:
+        return dict(atol=2e-5, rtol=2e-5)
+    if device == "cpu":  # interpreter: float32 math, one rounding of the output
+        return dict(atol=1e-5, rtol=8e-3)
+    return dict(atol=2e-2, rtol=2e-2)  # GPU: bf16 products, float32 accumulation
+
+
+def on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+def run(case, q_lat, q_rope, qsl, scale, device, **kwargs):
+    cache, table, lens = on(device, case.cache, case.block_table, case.seq_lens)
+    q_lat, q_rope, qsl = on(device, q_lat, q_rope, qsl)
+    before = KERNEL_CALLS["triton"]
+    result = paged_latent_attention(q_lat, q_rope, cache, qsl, lens, table, scale, kernel="triton", **kwargs)
+    assert KERNEL_CALLS["triton"] == before + 1, "the Triton path did not run"
+    return result
+
+
+# (d_c, d_R, heads, block_size): the issue's widths, each with one of the block sizes.
+MLA_SHAPES = [(512, 64, 8, 16), (256, 64, 4, 64), (128, 32, 16, 1), (200, 56, 4, 16)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d_c,d_r,heads,block_size", MLA_SHAPES)
+def test_mla_matches_float64_reference(kernels, d_c, d_r, heads, block_size, dtype, device, rng):
+    case, q_lat, q_rope, qsl = make_batch(MIXED_REQUESTS, d_c, d_r, heads, block_size, dtype, rng)
+    scale = 1.0 / math.sqrt(192)
+    out, lse = run(case, q_lat, q_rope, qsl, scale, device, return_lse=True, max_query_len=9, max_seq_len=40)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    out, lse = out.cpu(), lse.cpu()
+    assert (out[int(qsl[-1]):] == 0).all() and (lse[int(qsl[-1]):] == float("-inf")).all(), "padded rows"
+    bounds = qsl.tolist()
+    for b, (a, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+        length = case.latents[b].shape[0]
+        for i in range(e - a):
+            visible = length - (e - a) + i + 1
+            want_out, want_lse = absorbed_attention(q_lat[a + i].double(), q_rope[a + i].double(),
+                                                    case.latents[b][:visible], case.rope_keys[b][:visible], scale)
+            torch.testing.assert_close(out[a + i].double(), want_out, **tolerance(dtype, device))
+            torch.testing.assert_close(lse[a + i].double(), want_lse, atol=2e-5, rtol=2e-5)
+
+
+SHARDED_SHAPES = [(512, 64, 8, 16), (128, 32, 4, 1)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_shards", [1, 2, 4])
+@pytest.mark.parametrize("mode", ["exact", "partitioned", "grouped"])
+@pytest.mark.parametrize("d_c,d_r,heads,block_size", SHARDED_SHAPES)
+def test_sharded_modes_match_float64_reference(kernels, mode, num_shards, d_c, d_r, heads, block_size, device, rng):
+    """Every slice on one rank, with a random per-(head, slice) logit scale λ."""
+    dtype = torch.float32
+    case, q_lat, q_rope, qsl = make_batch(MIXED_REQUESTS, d_c, d_r, heads, block_size, dtype, rng)
+    scale = 1.0 / math.sqrt(192)
+    lam = random_logit_scale(heads, num_shards, rng)
+    slices = LatentSlices(num_shards=num_shards, shards_local=num_shards, softmax=mode, logit_scale=lam.float())
+    out = run(case, q_lat, q_rope, qsl, scale, device, slices=slices, max_query_len=9, max_seq_len=40).cpu()
+    expected = sharded_latent_attention(per_request(q_lat, qsl), per_request(q_rope, qsl), case.latents,
+                                        case.rope_keys, scale, num_shards=num_shards, softmax_mode=mode,
+                                        logit_scale=lam)
+    assert (out[int(qsl[-1]):] == 0).all()
+    for got, want in zip(per_request(out, qsl), expected):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,ranks", [("exact", [(0, 1), (1, 1)]), ("exact", [(0, 2), (2, 2)]),
+                                        ("partitioned", [(0, 2), (2, 2)]), ("grouped", [(0, 1), (1, 3)])])
+def test_ranks_concatenate_to_the_whole(kernels, mode, ranks, device, rng):
+    """Simulated TP ranks, each with its slices; exact goes through the partial-logits kernel
+    and an all-reduce (done here in two passes: collect every rank's partial logits, then sum)."""
+    d_c, d_r, heads, block_size = 128, 32, 8, 16
+    num_shards = sum(local for _, local in ranks)
+    case, q_lat, q_rope, qsl = make_batch(MIXED_REQUESTS, d_c, d_r, heads, block_size, torch.float32, rng)
+    scale = 1.0 / math.sqrt(192)
+    lam = random_logit_scale(heads, num_shards, rng).float()
+    partial_logits = {}
+
+    def one_rank(rank, offset, local, collect):
+        cache, q_part = rank_view(case.cache, q_lat, d_c, num_shards, offset, local)
+        slices = LatentSlices(num_shards=num_shards, shard_offset=offset, shards_local=local, softmax=mode,
+                              logit_scale=lam)
+        all_reduce = None
+        if mode == "exact":
+            def all_reduce(logits):
+                if collect:
+                    partial_logits[rank] = logits.clone()
+                    return logits
+                return sum(partial_logits.values())
+        case_view = type(case)(cache.contiguous(), case.block_table, case.seq_lens, case.latents, case.rope_keys)
+        return run(case_view, q_part, q_rope, qsl, scale, device, slices=slices, all_reduce=all_reduce,
+                   max_query_len=9, max_seq_len=40).cpu()
+
+    if mode == "exact":
+        for rank, (offset, local) in enumerate(ranks):
+            one_rank(rank, offset, local, collect=True)
+    parts = [one_rank(rank, offset, local, collect=False) for rank, (offset, local) in enumerate(ranks)]
+    expected = sharded_latent_attention(per_request(q_lat, qsl), per_request(q_rope, qsl), case.latents,
+                                        case.rope_keys, scale, num_shards=num_shards, softmax_mode=mode,
+                                        logit_scale=lam)
+    for got, want in zip(per_request(torch.cat(parts, dim=-1), qsl), expected):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["exact", "grouped"])
+def test_empty_requests_give_zero_and_minus_inf(kernels, mode, device, rng):
+    """A request with no cached token (a CUDA-graph pad): out 0, LSE -inf, never NaN."""
+    d_c, d_r, heads, block_size = 64, 16, 4, 4
+    seq_lens = [6, 0, 9, 0]
+    case = make_paged_case([max(n, 1) for n in seq_lens], d_c, d_r, block_size, torch.float32, rng)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    tokens = len(seq_lens) + 2  # two padded rows
+    q_lat = torch.randn(tokens, heads, d_c, generator=rng)
+    q_rope = torch.randn(tokens, heads, d_r, generator=rng)
+    starts = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    case = type(case)(case.cache, case.block_table, lens, case.latents, case.rope_keys)
+    slices = LatentSlices(num_shards=2, shards_local=2, softmax=mode)
+    kwargs = dict(return_lse=True) if mode == "exact" else {}
+    result = run(case, q_lat, q_rope, starts, 0.3, device, slices=slices, max_query_len=1, max_seq_len=9, **kwargs)
+    out = (result[0] if mode == "exact" else result).cpu()
+    assert not torch.isnan(out).any()
+    empty = [b for b, n in enumerate(seq_lens) if n == 0] + [4, 5]
+    assert (out[empty] == 0).all()
+    if mode == "exact":
+        lse = result[1].cpu()
+        assert (lse[empty] == float("-inf")).all() and torch.isfinite(lse[[0, 2]]).all()
+        for b in (0, 2):
+            want, _ = absorbed_attention(q_lat[b].double(), q_rope[b].double(), case.latents[b][: seq_lens[b]],
+                                         case.rope_keys[b][: seq_lens[b]], 0.3)
+            torch.testing.assert_close(out[b].double(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_count_does_not_change_the_result(kernels, device, rng):
+    """1 split, a few, and more splits than a short request has keys (empty splits)."""
+    d_c, d_r, heads, block_size = 64, 16, 4, 8
+    requests = [(1, 3), (1, 70), (1, 1), (1, 33)]  # very different lengths in one batch
+    case, q_lat, q_rope, qsl = make_batch(requests, d_c, d_r, heads, block_size, torch.float32, rng)
+    args = on(device, q_lat, q_rope, case.cache, qsl, case.seq_lens, case.block_table)
+    results = [kernels.triton_paged_latent_attention(*args, 0.2, LatentSlices(), None, 70, True, num_splits=n)
+               for n in (1, 3, 32)]
+    want = mla_reference(q_lat, q_rope, qsl, case, 0.2)
+    for out, lse in results:
+        for got, ref in zip(per_request(out.cpu(), qsl), want):
+            torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+        torch.testing.assert_close(lse, results[0][1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["mla", "partitioned"])
+def test_cuda_graph_replay_follows_new_inputs(kernels, mode, rng):
+    """Captured once for a batch size, replayed after the lengths, tables and queries change:
+    the same results as eager calls (so nothing on the path read a value on the host)."""
+    d_c, d_r, heads, block_size, batch = 512, 64, 16, 16, 8
+    slices = LatentSlices() if mode == "mla" else LatentSlices(num_shards=2, shards_local=2, softmax="partitioned")
+    first = make_paged_case([5, 40, 1, 17, 64, 3, 9, 30], d_c, d_r, block_size, torch.bfloat16, rng, spare_blocks=8)
+    second = make_paged_case([60, 2, 33, 1, 8, 64, 12, 7], d_c, d_r, block_size, torch.bfloat16, rng, spare_blocks=8)
+    width = max(first.block_table.shape[1], second.block_table.shape[1])
+    num_blocks = max(first.cache.shape[0], second.cache.shape[0])
+
+    def padded(case):
+        cache = torch.full((num_blocks, block_size, d_c + d_r), float("nan"), dtype=torch.bfloat16)
+        cache[: case.cache.shape[0]] = case.cache
+        table = torch.zeros(batch, width, dtype=torch.int32)
+        table[:, : case.block_table.shape[1]] = case.block_table
+        return cache.cuda(), table.cuda(), case.seq_lens.cuda()
+
+    cache, table, lens = padded(first)
+    q_lat = torch.randn(batch, heads, d_c, generator=rng).to(torch.bfloat16).cuda()
+    q_rope = torch.randn(batch, heads, d_r, generator=rng).to(torch.bfloat16).cuda()
+    starts = torch.arange(batch + 1, dtype=torch.int32).cuda()
+
+    def call():
+        return paged_latent_attention(q_lat, q_rope, cache, starts, lens, table, 0.1, slices=slices,
+                                      max_query_len=1, max_seq_len=64, kernel="triton")
+
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        call()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    for case in (first, second):
+        new_cache, new_table, new_lens = padded(case)
+        cache.copy_(new_cache), table.copy_(new_table), lens.copy_(new_lens)
+        q_lat.normal_(), q_rope.normal_()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured, call(), atol=0, rtol=0)
