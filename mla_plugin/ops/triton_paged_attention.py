@@ -22,7 +22,8 @@ K_s = ⌈ctx_t / NUM_SPLITS⌉ rounded up to BLOCK_N. Online softmax over key ti
     m' = max(m, max_n s), α = e^(m − m'), p_n = e^(s_n − m'),
     l' = α l + Σ_n p_n,  acc' = α acc + Σ_n p_n ĉ^(j)_n
 
-with m = −inf handled explicitly (a fully masked tile leaves m = −inf and adds nothing).
+with m = −inf handled explicitly (a fully masked tile leaves m = −inf and adds nothing);
+computed in base 2 (s log2 e and ``exp2``), the LSE converted back to natural log.
 It stores the normalised partial output acc / l (0 when l = 0) and lse = m + ln l
 (−inf when l = 0), in float32.
 
