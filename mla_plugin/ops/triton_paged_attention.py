@@ -360,7 +360,7 @@ def triton_paged_latent_attention(
     block_h = config["block_h"]
     head_blocks = triton.cdiv(heads_per_stream, block_h)
     if num_splits is None:
-        num_splits = config.get("num_splits") or choose_num_splits(tokens, num_slices * head_blocks, device)
+        num_splits = choose_num_splits(tokens, num_slices * head_blocks, device)
     num_splits = max(1, min(MAX_SPLITS, num_splits))
 
     logits = q_latent  # placeholder pointer when unused

@@ -22,12 +22,12 @@ from mla_plugin import GLA_BACKEND_NAME
 from mla_plugin.gla_options import ShardingPlan
 from mla_plugin.ops import LatentSlices, paged_latent_attention
 from mla_plugin.ops.kernel_choice import kernel_for
-from mla_plugin.vllm.compat import AttentionLayer, MLACommonMetadataBuilder
+from mla_plugin.vllm.compat import AttentionLayer
 from mla_plugin.vllm.mla_backend import (
     MLAPluginBackend,
     MLAPluginImpl,
     MLAPluginMetadata,
-    cudagraph_support,
+    MLAPluginMetadataBuilder,
     note_decode_call,
 )
 
@@ -38,14 +38,8 @@ class ShardedLatentMetadata(MLAPluginMetadata):
     block_table_all: torch.Tensor | None = None
 
 
-class ShardedLatentMetadataBuilder(MLACommonMetadataBuilder[ShardedLatentMetadata]):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device,
-                         metadata_cls=ShardedLatentMetadata)
-
-    @classmethod
-    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
-        return cudagraph_support(vllm_config)
+class ShardedLatentMetadataBuilder(MLAPluginMetadataBuilder):
+    metadata_cls: ClassVar[type] = ShardedLatentMetadata
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -130,7 +124,7 @@ class ShardedLatentImpl(MLAPluginImpl):
         else:
             q_latent, q_rope = q.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         note_decode_call(self.backend_name, kv_c_and_k_pe_cache,
-                         f"d_loc={self.kv_lora_rank} d_R={self.qk_rope_head_dim} "
+                         lambda: f"d_loc={self.kv_lora_rank} d_R={self.qk_rope_head_dim} "
                          f"shards={self.plan.shard_offset}+{self.plan.shards_local}/"
                          f"{self.plan.shards} softmax={self.plan.softmax} "
                          f"kernel={kernel_for(q_latent.device, q_latent.dtype)}")

@@ -10,6 +10,7 @@ block size.
 import inspect
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,14 +44,17 @@ DECODE_CALLS: dict[str, int] = {}
 LAST_CACHE_SHAPE: dict[str, tuple[int, ...]] = {}
 
 
-def note_decode_call(backend_name: str, cache: torch.Tensor, detail: str) -> None:
-    """Count a decode call; on the first one in a process, log it and trace it."""
+def note_decode_call(backend_name: str, cache: torch.Tensor, describe: Callable[[], str]) -> None:
+    """Count a decode call; on the first one in a process, log it and trace it.
+
+    ``describe`` builds the log line's detail; it runs on that first call only, so the
+    decode path does not format a string (or ask which kernel runs) on every step."""
     first = backend_name not in DECODE_CALLS
     DECODE_CALLS[backend_name] = DECODE_CALLS.get(backend_name, 0) + 1
     LAST_CACHE_SHAPE[backend_name] = tuple(cache.shape)
     if not first:
         return
-    detail = f"{detail} cache={list(cache.shape)}"
+    detail = f"{describe()} cache={list(cache.shape)}"
     logger.info("mla_plugin: %s decode running in pid %d (%s)", backend_name, os.getpid(), detail)
     trace = os.environ.get(TRACE_ENV)
     if trace:
@@ -112,9 +116,11 @@ def cudagraph_support(vllm_config) -> "AttentionCGSupport":
 
 
 class MLAPluginMetadataBuilder(MLACommonMetadataBuilder[MLAPluginMetadata]):
+    metadata_cls: ClassVar[type] = MLAPluginMetadata  # subclasses name their own
+
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(
-            kv_cache_spec, layer_names, vllm_config, device, metadata_cls=MLAPluginMetadata
+            kv_cache_spec, layer_names, vllm_config, device, metadata_cls=self.metadata_cls
         )
 
     @classmethod
@@ -209,7 +215,7 @@ class MLAPluginImpl(MLACommonImpl[MLAPluginMetadata]):
         note_decode_call(
             self.backend_name,
             kv_c_and_k_pe_cache,
-            f"d_c={self.kv_lora_rank} d_R={self.qk_rope_head_dim} "
+            lambda: f"d_c={self.kv_lora_rank} d_R={self.qk_rope_head_dim} "
             f"block_size={kv_c_and_k_pe_cache.shape[1]} dtype={kv_c_and_k_pe_cache.dtype} "
             f"kernel={kernel_for(q_latent.device, q_latent.dtype)}",
         )
