@@ -1,6 +1,8 @@
 """Decode speed of the Triton kernels on a CUDA GPU (torch + triton only, no vLLM).
 
-For each case (bf16, one query per request, block size 64, permuted block table):
+For each case (bf16 queries and cache, or ``--cache-dtype fp8``: an e4m3 cache with a
+per-layer scale, one byte per value; one query per request, block size 64, permuted
+block table):
 checks the Triton result against the plain-torch seam on a few requests, then times it
 and prints time per call (replays of a captured CUDA graph, as vLLM decodes; ``--no-graph``
 for eager launches), GB/s and the ratio to a device-to-device copy measured in the same run, plus the 2-way-shard time (one 256+64 slice, what each of 2 ranks reads) as a
@@ -56,8 +58,11 @@ def copy_bandwidth(gigabytes: float, reps: int) -> float:
     return 2 * src.numel() * 2 / (ms * 1e-3) / 1e9
 
 
-def make_case(batch, context, d_c, d_r, heads, varied, gen):
-    """A bf16 paged cache (every slot written) and queries; lengths equal or uniform in [1, context]."""
+FP8_SCALE = 0.05  # σ of the fp8 cache: it holds value / σ
+
+
+def make_case(batch, context, d_c, d_r, heads, varied, gen, cache_dtype="bf16"):
+    """A paged cache (every slot written) and bf16 queries; lengths equal or uniform in [1, context]."""
     if varied:
         lens = torch.randint(1, context + 1, (batch,), generator=gen)
     else:
@@ -72,13 +77,17 @@ def make_case(batch, context, d_c, d_r, heads, varied, gen):
         table[b, :n] = order[used : used + n]
         used += n
     cache = torch.empty(num_blocks, BLOCK_SIZE, d_c + d_r, dtype=torch.bfloat16, device="cuda").normal_()
+    if cache_dtype == "fp8":
+        cache = (cache.float() / FP8_SCALE).to(torch.float8_e4m3fn)
     q = torch.randn(batch, heads, d_c + d_r, generator=gen).to(torch.bfloat16).cuda()
     return cache, table.cuda(), lens.to(torch.int32).cuda(), q, int(lens.sum())
 
 
-def run_case(batch, context, heads, layout, varied, splits, reps, gen, torch_baseline=False, graphs=True):
+def run_case(batch, context, heads, layout, varied, splits, reps, gen, torch_baseline=False, graphs=True,
+             cache_dtype="bf16"):
     d_c, d_r = LAYOUTS[layout]
-    cache, table, lens, q, tokens = make_case(batch, context, d_c, d_r, heads, varied, gen)
+    cache, table, lens, q, tokens = make_case(batch, context, d_c, d_r, heads, varied, gen, cache_dtype)
+    sigma = torch.tensor([FP8_SCALE], device="cuda") if cache_dtype == "fp8" else None
     starts = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     scale = 1 / math.sqrt(192)
     # The one-slice shard of a 2-way exact/partitioned split reads the same bytes; run it as
@@ -88,13 +97,14 @@ def run_case(batch, context, heads, layout, varied, splits, reps, gen, torch_bas
 
     def triton_call(n):
         return kernels.triton_paged_latent_attention(q[..., :d_c], q[..., d_c:], cache, starts, lens, table,
-                                                     scale, slices, None, context, False, num_splits=n)
+                                                     scale, slices, None, context, False, num_splits=n,
+                                                     cache_scale=sigma)
 
     # Correctness on the first requests against the plain-torch seam.
     sub = 8
     want = paged_latent_attention(q[:sub, :, :d_c], q[:sub, :, d_c:], cache, starts[: sub + 1], lens[:sub],
                                   table[:sub], scale, slices=slices, max_query_len=1, max_seq_len=context,
-                                  kernel="torch").float()
+                                  kernel="torch", cache_scale=sigma).float()
     got = triton_call(None)[:sub].float()
     error = (got - want).abs().max().item()
     if not error < 3e-2:
@@ -121,9 +131,9 @@ def run_case(batch, context, heads, layout, varied, splits, reps, gen, torch_bas
     if torch_baseline:  # the plain-torch seam on the whole batch, as the backends ran it before
         torch_ms = time_ms(lambda: paged_latent_attention(
             q[..., :d_c], q[..., d_c:], cache, starts, lens, table, scale, slices=slices, max_query_len=1,
-            max_seq_len=context, kernel="torch"), max(3, reps // 4))
-    nbytes = tokens * (d_c + d_r) * 2 + batch * heads * (d_c + d_r) * 2 + batch * heads * d_c * 2
-    return dict(layout=layout, heads=heads, context=context, lengths="varied" if varied else "equal",
+            max_seq_len=context, kernel="torch", cache_scale=sigma), max(3, reps // 4))
+    nbytes = tokens * (d_c + d_r) * cache.element_size() + batch * heads * (d_c + d_r) * 2 + batch * heads * d_c * 2
+    return dict(layout=layout, cache_dtype=cache_dtype, heads=heads, context=context, lengths="varied" if varied else "equal",
                 batch=batch, splits=default, ms=results[default], gbps=nbytes / (results[default] * 1e-3) / 1e9,
                 best_splits=best, best_ms=results[best], max_abs_error=error, tokens=tokens, torch_ms=torch_ms)
 
@@ -178,6 +188,8 @@ def main(argv=None) -> int:
                         help="split-K counts to time (0: the kernel's own choice); the table shows the default "
                              "and the best")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--cache-dtype", choices=["bf16", "fp8"], nargs="+", default=["bf16"],
+                        help="latent cache dtype(s): bf16, and/or fp8 (e4m3 with a per-layer scale)")
     parser.add_argument("--torch-baseline", action="store_true",
                         help="also time the plain-torch seam (what ran on CUDA before the kernels)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -199,16 +211,16 @@ def main(argv=None) -> int:
           f"device-to-device copy {copy:.0f} GB/s (read + write); Triton timed as "
           f"{'eager launches' if args.no_graph else 'CUDA-graph replays'}, torch eager\n")
     rows = []
-    print("| layout | heads | context | lengths | splits | ms/call | GB/s | of copy | best splits: ms | shard/MLA "
-          "| torch ms/call |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
-    for heads in args.heads:
+    print("| cache | layout | heads | context | lengths | splits | ms/call | GB/s | of copy | best splits: ms "
+          "| shard/MLA | torch ms/call |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    for cache_dtype, heads in [(c, h) for c in args.cache_dtype for h in args.heads]:
         for context in args.contexts:
             for varied in (False, True):
                 mla = None
                 for layout in LAYOUTS:
                     row = run_case(args.batch, context, heads, layout, varied, args.splits, args.reps, gen,
-                                   args.torch_baseline, not args.no_graph)
+                                   args.torch_baseline, not args.no_graph, cache_dtype)
                     row["of_copy"] = row["gbps"] / copy
                     ratio = ""
                     if layout.startswith("mla"):
@@ -217,7 +229,7 @@ def main(argv=None) -> int:
                         row["shard_over_mla"] = row["ms"] / mla["ms"]
                         ratio = f"{row['shard_over_mla']:.2f}"
                     rows.append(row)
-                    print(f"| {layout} | {heads} | {context} | {row['lengths']} | {row['splits']} | "
+                    print(f"| {cache_dtype} | {layout} | {heads} | {context} | {row['lengths']} | {row['splits']} | "
                           f"{row['ms']:.3f} | {row['gbps']:.0f} | {row['of_copy']:.0%} | "
                           f"{row['best_splits']}: {row['best_ms']:.3f} | {ratio} | "
                           f"{'' if row['torch_ms'] is None else format(row['torch_ms'], '.2f')} |", flush=True)

@@ -94,9 +94,12 @@ def sharded_latent_changes_function(raw, *, tp_size: int | None = None) -> bool:
     """True when the ``mla_plugin`` sharded-latent options (a dict, or None) describe attention
     other than MLA: partitioned or grouped softmax, or the per-slice (local) RMSNorm, over more
     than one slice (or a partial-logit scale other than 1 on one slice). ``shards`` unset means
-    the TP size; with ``tp_size`` unknown too, any such option counts."""
+    the TP size; with ``tp_size`` unknown too, any such option counts. A per-group latent projection
+    (``latent_projection: true``, gla_options.py) always counts."""
     if not isinstance(raw, dict):
         return False
+    if raw.get("latent_projection") is True:
+        return True  # per-group latent subspaces: never MLA's function as written
     softmax, rmsnorm = raw.get("softmax", "exact"), raw.get("rmsnorm", "global")
     shards = raw.get("shards") or tp_size
     if shards == 1:

@@ -1,7 +1,7 @@
 """`mla-plugin`: command-line tools around the vLLM plugin.
 
     mla-plugin demo                 serve a bundled tiny DeepSeek-V2 through the plugin
-    mla-plugin ppl MODEL            wikitext-2 perplexity (vLLM or transformers engine)
+    mla-plugin ppl MODEL            wikitext-2 perplexity (vLLM, SGLang or transformers engine)
     mla-plugin convert mla-to-gla SRC DST --shards G   DeepSeek-V2 -> sharded-latent layout
     mla-plugin convert gqa-to-mla SRC DST --kv-lora-rank D_C --rope-dim D_R   Llama/Qwen2/Mistral -> MLA
     mla-plugin make-tiny-model DIR  write a tiny random DeepSeek-V2 checkpoint
@@ -105,6 +105,10 @@ def _cmd_ppl(args) -> int:
         print(f"error: cannot read --text: {err}", file=sys.stderr)
         return 2
     options = {}
+    if args.json_model_override_args and args.engine != "sglang":
+        print("error: --json-model-override-args is SGLang's option; with --engine vllm pass --hf-overrides",
+              file=sys.stderr)
+        return 2
     if args.engine == "vllm":
         try:
             hf_overrides = json.loads(args.hf_overrides) if args.hf_overrides else None
@@ -118,6 +122,22 @@ def _cmd_ppl(args) -> int:
             options["compilation_config"] = compilation_config
         if args.block_size:
             options["block_size"] = args.block_size
+        if args.kv_cache_dtype:
+            options["kv_cache_dtype"] = args.kv_cache_dtype
+    elif args.engine == "sglang":
+        if args.hf_overrides or args.enforce_eager or args.compilation_config or args.block_size \
+                or args.kv_cache_dtype:
+            print("error: --hf-overrides, --enforce-eager, --compilation-config, --block-size and --kv-cache-dtype "
+                  "are vLLM options; "
+                  "with --engine sglang pass --json-model-override-args (SGLang's hf_overrides)", file=sys.stderr)
+            return 2
+        try:
+            overrides = json.loads(args.json_model_override_args) if args.json_model_override_args else None
+        except json.JSONDecodeError as err:
+            print(f"error: --json-model-override-args must be JSON: {err}", file=sys.stderr)
+            return 2
+        options = dict(attention_backend=args.attention_backend, tp_size=args.tensor_parallel_size,
+                       json_model_override_args=overrides)
     elif args.attention_backend or args.tensor_parallel_size != 1 or args.hf_overrides:
         print("error: --attention-backend, --tensor-parallel-size and --hf-overrides need --engine vllm",
               file=sys.stderr)
@@ -206,12 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
                           f"(default {DEFAULT_SCORE})")
     ppl.add_argument("--dtype", default=DEFAULT_DTYPE,
                      help=f"{' / '.join(DTYPES)} (default {DEFAULT_DTYPE})")
-    ppl.add_argument("--attention-backend", help="vLLM attention backend, e.g. mla_plugin")
-    ppl.add_argument("--tensor-parallel-size", type=int, default=1)
+    ppl.add_argument("--attention-backend", help="vLLM / SGLang attention backend, e.g. mla_plugin")
+    ppl.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
+    ppl.add_argument("--json-model-override-args", help="SGLang: JSON merged into the model config "
+                                                         "(e.g. '{\"mla_plugin\": {\"softmax\": \"exact\"}}')")
     ppl.add_argument("--hf-overrides", help="JSON passed to vLLM's hf_overrides")
     ppl.add_argument("--enforce-eager", action="store_true", help="vLLM: no torch.compile / CUDA graphs")
     ppl.add_argument("--compilation-config", help="JSON passed to vLLM's compilation_config")
     ppl.add_argument("--block-size", type=int, help="vLLM KV-cache block size")
+    ppl.add_argument("--kv-cache-dtype", help="vLLM KV-cache dtype: auto (default), bfloat16, float16, or fp8 "
+                                              "(e4m3, one byte per value; decode reads it, --score decode)")
     ppl.add_argument("--json", action="store_true", help="print one JSON object, no progress bar")
     ppl.set_defaults(func=_cmd_ppl)
 
@@ -228,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     to_gla.add_argument("--rmsnorm", choices=RMSNORM_MODES, default=convert_defaults.MLA_TO_GLA_RMSNORM)
     to_gla.add_argument("--basis", choices=CONVERTER_BASES, default=convert_defaults.MLA_TO_GLA_BASIS,
                         help="orthogonal basis the latent is rotated into before slicing: pca = PCA of the "
-                             "up-projection weights, pca-act = PCA of the latent on --calib-text "
+                             "up-projection weights, pca-act = PCA of the latent on --calib-text, group-pca "
+                             "(--softmax grouped) = per head group its own projection of the latent fitted to "
+                             "the group's keys and values on --calib-text "
                              f"(default {convert_defaults.MLA_TO_GLA_BASIS})")
     to_gla.add_argument("--logit-scale", default=convert_defaults.MLA_TO_GLA_LOGIT_SCALE,
                         help="number, or auto (g for partitioned); the starting point when calibrating")

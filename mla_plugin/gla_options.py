@@ -25,6 +25,10 @@ Given with ``--hf-overrides '{"mla_plugin": {...}}'`` (or written into config.js
     layout       "mla" (default): an ordinary DeepSeek-V2 checkpoint; the norm weight,
                  basis and scales are applied at load time. "sharded_latent": a converted
                  checkpoint that already has them folded in (basis must be "identity").
+    latent_projection  true: a grouped checkpoint (layout sharded_latent, global RMSNorm)
+                 whose group r caches its own projection z^(r) = B_r ĉ of the normalised
+                 latent (tensor ``self_attn.latent_projection.weight`` = [B_0; …; B_{g−1}],
+                 [d_c, d_c]); written by ``convert mla-to-gla --basis group-pca``.
     converted_with  written by `mla-plugin convert mla-to-gla` (the basis and scale it
                  folded in, and any calibration: text, tokens, fitted mean scales);
                  informational.
@@ -44,7 +48,9 @@ CONFIG_KEY = "mla_plugin"
 SOFTMAX_MODES = ("exact", "partitioned", "grouped")
 RMSNORM_MODES = ("global", "local")
 BASES = ("identity", "hadamard", "pca")  # what the runtime can apply at load time
-CONVERTER_BASES = BASES + ("pca-act",)  # pca-act needs calibration text: converter only
+# Converter only, both need calibration text: pca-act (an orthogonal basis from the latent's activations) and
+# group-pca (grouped softmax: one projection per head group, written as the latent_projection tensor).
+CONVERTER_BASES = BASES + ("pca-act", "group-pca")
 LAYOUTS = ("mla", "sharded_latent")
 
 
@@ -58,6 +64,7 @@ class ShardedLatentOptions:
     basis: str = "identity"
     logit_scale: float | str = "auto"
     layout: str = "mla"
+    latent_projection: bool = False  # a per-group latent projection P = [B_0; …] in the checkpoint
     converted_with: dict | None = None  # written by the converter; informational only
 
     @classmethod
@@ -97,6 +104,13 @@ class ShardedLatentOptions:
             raise ValueError(f"{CONFIG_KEY}.logit_scale must be a positive number, got {self.logit_scale!r}")
         if self.converted_with is not None and not isinstance(self.converted_with, dict):
             raise ValueError(f"{CONFIG_KEY}.converted_with must be an object")
+        if not isinstance(self.latent_projection, bool):
+            raise ValueError(f"{CONFIG_KEY}.latent_projection must be true or false, got {self.latent_projection!r}")
+        if self.latent_projection and (self.softmax, self.rmsnorm, self.layout) != (
+                "grouped", "global", "sharded_latent"):
+            raise ValueError(f"{CONFIG_KEY}.latent_projection needs softmax 'grouped', rmsnorm 'global' and "
+                             "layout 'sharded_latent' (a checkpoint written by mla-plugin convert mla-to-gla "
+                             "--softmax grouped --basis group-pca)")
         if self.layout == "sharded_latent" and self.basis != "identity":
             raise ValueError(f"{CONFIG_KEY}: a 'sharded_latent' checkpoint has its basis applied already; "
                              "basis must be 'identity'")
@@ -113,6 +127,11 @@ class ShardedLatentOptions:
             raise ValueError(f"tp_rank {tp_rank} is outside 0..{tp_size - 1} (TP size {tp_size})")
         if self.softmax == "grouped" and num_heads % g:
             raise ValueError(f"grouped softmax needs the {num_heads} heads divisible by shards={g}")
+        if self.softmax == "grouped" and tp_size > 1 and self.basis == "pca":
+            raise ValueError(f"{CONFIG_KEY}: grouped softmax at TP {tp_size} splits the heads over the ranks, "
+                             "and the 'pca' basis is computed from all heads' weights at load; fold it into "
+                             "the checkpoint with `mla-plugin convert mla-to-gla --softmax grouped --basis pca` "
+                             "and serve that, or use basis 'identity' or 'hadamard'")
         if self.logit_scale == "auto":
             scale = float(g) if self.softmax == "partitioned" else 1.0
         else:
@@ -131,11 +150,15 @@ class ShardingPlan:
     """How one TP rank holds and attends over the sharded latent; immutable, built once.
 
     The layer (cache writes, weight folding) and the attention impl read the same object.
+
+    Grouped softmax splits the heads with the latent (``heads_split``): a rank holds only the
+    heads of its g_loc groups and their slices, a whole grouped model of its own (docs/design.md,
+    section 4). Exact and partitioned keep all H heads on every rank.
     """
 
     options: ShardedLatentOptions
     latent_dim: int  # d_c, the whole latent (kv_lora_rank in the checkpoint)
-    num_heads: int  # H, all heads: every rank computes all of them
+    num_heads: int  # H, all heads of the model
     shards: int  # g, latent slices in all
     tp_size: int
     tp_rank: int
@@ -152,6 +175,34 @@ class ShardingPlan:
     @property
     def basis(self) -> str:
         return self.options.basis
+
+    @property
+    def latent_projection(self) -> bool:
+        """True when the checkpoint carries the per-group projection P (cache z = P ĉ, not ĉ)."""
+        return self.options.latent_projection
+
+    @property
+    def heads_split(self) -> bool:
+        """True when a rank holds only its groups' heads (grouped softmax), not all H."""
+        return self.softmax == "grouped"
+
+    @property
+    def local_heads(self) -> int:
+        """Heads this rank computes: H / n_TP when the heads are split, else H."""
+        return self.num_heads // self.tp_size if self.heads_split else self.num_heads
+
+    @property
+    def head_offset(self) -> int:
+        """This rank's first (global) head."""
+        return self.tp_rank * self.local_heads if self.heads_split else 0
+
+    @property
+    def up_projection_columns(self) -> slice:
+        """The columns of kv_b_proj [.., d_c] this rank loads: only its slices when the heads are
+        split and no basis rotation mixes the columns at load, else all d_c."""
+        if self.heads_split and self.basis == "identity":
+            return self.local_columns
+        return slice(0, self.latent_dim)
 
     @property
     def shard_dim(self) -> int:

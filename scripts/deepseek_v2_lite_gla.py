@@ -46,6 +46,10 @@ def rows(shards: int):
     for calibrate in ("logit", "logit+output"):
         yield f"partitioned, hadamard, calibrated {calibrate}", dict(
             shards=shards, softmax="partitioned", basis="hadamard", calibrate=calibrate), {}
+    # GLA's own layout: heads split with the latent, each group its own subspace (issue 16)
+    for calibrate in ("none", "logit+output"):
+        yield f"grouped, group-pca, calibrate {calibrate}", dict(
+            shards=shards, softmax="grouped", basis="group-pca", calibrate=calibrate), {}
 
 
 def main() -> None:

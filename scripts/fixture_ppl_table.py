@@ -31,6 +31,8 @@ RUNS = [
     ("deepseek-v2-tiny", "vllm", {"attention_backend": "mla_plugin", **EXACT}),
     ("deepseek-v2-tiny", "vllm", {"attention_backend": "mla_plugin_gla", "hf_overrides": GLA_EXACT, **EXACT}),
     ("deepseek-v2-tiny", "vllm", {"attention_backend": "mla_plugin_gla", "hf_overrides": GLA_PARTITIONED, **EXACT}),
+    ("deepseek-v2-tiny-ratio8", "transformers", {}),
+    ("deepseek-v2-tiny-ratio8", "vllm", {"attention_backend": "mla_plugin", **EXACT}),  # CPU_MLA: 512 + 64 only
     ("llama-gqa-tiny", "transformers", {}),
     ("llama-gqa-tiny", "vllm", EXACT),
 ]

@@ -36,3 +36,27 @@ fi
 "$VENV/bin/python" -c 'import mla_plugin, vllm' 2>/dev/null || { echo "mla_plugin setup: import check failed in $VENV" >&2; exit 1; }
 ln -sfn "$VENV" "$ROOT/.venv"
 echo "mla_plugin setup: ready (.venv -> $VENV)"
+
+# The SGLang environment: a second cached venv (~3.3 GB, ~3 min), keyed by requirements-sglang.txt,
+# linked as .venv-sglang. sglang goes in with --no-deps (its own pins pull CUDA torch); the file
+# lists its CPU requirements pinned to the same CPU torch.
+#   MLA_PLUGIN_SGLANG_VENV=/path bash scripts/setup.sh  # choose its location
+SKEY=$( (cat "$ROOT/requirements-sglang.txt"; echo "$PYVER") | sha256sum | cut -c1-12)
+SVENV=${MLA_PLUGIN_SGLANG_VENV:-$HOME/.cache/mla_plugin/sglang-venv-$SKEY}
+if [ ! -f "$SVENV/.mla_plugin_complete" ]; then
+  echo "mla_plugin setup: building $SVENV (first time: about 3 minutes, 3.3 GB)"
+  rm -rf "$SVENV"
+  mkdir -p "$(dirname "$SVENV")"
+  "$PY" -m venv "$SVENV"
+  "$SVENV/bin/python" -m pip install -q --upgrade pip
+  "$SVENV/bin/python" -m pip install -q -r <(grep -v -E '^[^#].*# no-deps' "$ROOT/requirements-sglang.txt")
+  "$SVENV/bin/python" -m pip install -q --no-deps $(grep -E '^[^#].*# no-deps' "$ROOT/requirements-sglang.txt" | cut -d' ' -f1)
+  touch "$SVENV/.mla_plugin_complete"
+fi
+"$SVENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" 2>&1 | grep -v -e '^\s*!!' -e 'WheelFile' -e '\*\*\*\*' || true
+# SGLang on CPU (SGLANG_USE_CPU_ENGINE=1) imports sgl_kernel CPU ops and torchvision, which PyPI lacks; this .pth
+# line serves mla_plugin's stand-ins in every process of the venv (mla_plugin/sglang/cpu_support.py).
+"$SVENV/bin/python" -m mla_plugin.sglang.cpu_support --install-pth >/dev/null
+"$SVENV/bin/python" -c 'import mla_plugin.sglang, sglang' 2>/dev/null || { echo "mla_plugin setup: import check failed in $SVENV" >&2; exit 1; }
+ln -sfn "$SVENV" "$ROOT/.venv-sglang"
+echo "mla_plugin setup: ready (.venv-sglang -> $SVENV)"

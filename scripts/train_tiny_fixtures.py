@@ -2,6 +2,8 @@
 
     python scripts/train_tiny_fixtures.py deepseek   # DeepSeek-V2 (MLA), 512 + 64 latent, 8 heads
     python scripts/train_tiny_fixtures.py llama      # Llama, GQA: 8 query heads, 2 KV heads
+    python scripts/train_tiny_fixtures.py deepseek-ratio8 --threads 1
+        # DeepSeek-V2, 128 + 32 latent, 8 heads of 64 + 64: H (d_nope + d_v) / d_c = 8 as V2-Lite
 
 Seeded and deterministic on CPU (fixed step count, fixed data order). Trained on the
 wikitext-2 *validation* tokens (../shared/data/wikitext-2/valid.tokens.txt) only, never
@@ -30,6 +32,9 @@ OUT_ROOT = REPO / "mla_plugin/fixtures/trained"
 ARCHS = {
     "deepseek": "deepseek-v2-tiny",
     "llama": "llama-gqa-tiny",
+    # H (d_nope + d_v) / d_c = 8 (8 x 128 / 128), DeepSeek-V2-Lite's ratio (16 x 256 / 512): a
+    # head group can use more latent directions than its d_c/g slice (issue 16)
+    "deepseek-ratio8": "deepseek-v2-tiny-ratio8",
 }
 
 
@@ -40,6 +45,13 @@ def build_model(arch: str, tokenizer, max_positions: int):
         config = tiny_deepseek_v2_config(
             tokenizer=tokenizer, kv_lora_rank=512, qk_rope_head_dim=64, num_heads=8, num_layers=4,
             hidden_size=256, qk_nope_head_dim=32, v_head_dim=32, intermediate_size=640,
+            max_position_embeddings=max_positions, initializer_range=0.02,
+        )
+        return DeepseekV2ForCausalLM(config)
+    if arch == "deepseek-ratio8":
+        config = tiny_deepseek_v2_config(
+            tokenizer=tokenizer, kv_lora_rank=128, qk_rope_head_dim=32, num_heads=8, num_layers=4,
+            hidden_size=256, qk_nope_head_dim=64, v_head_dim=64, intermediate_size=640,
             max_position_embeddings=max_positions, initializer_range=0.02,
         )
         return DeepseekV2ForCausalLM(config)

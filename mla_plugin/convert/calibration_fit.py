@@ -18,7 +18,10 @@ from ``calibration_capture.py``. Symbols as in docs/design.md (Glossary; section
   (initialised at 1) are fitted to minimise, per head, the relative squared error of ô_h
   against the exact (full-softmax, global-RMSNorm) head output ``W_UV,h Σ_t p_{h,t} ĉ_t``
   on the captured activations. Both fold into the weights (λ into the columns of W_UK,h
-  for slice j, μ into those of W_UV,h), so serving costs nothing extra.
+  for slice j, μ into those of W_UV,h), so serving costs nothing extra. After ``group-pca``
+  (grouped softmax, per-group projections; ops/latent_basis.group_subspace_projection) the
+  runtime side reads z = P ĉ through its own up-projections (``calibrate_layer``'s
+  ``group_subspace``) while the target stays the exact MLA output.
 
 Shape letters: N calibration windows, T keys (tokens) per window, P query rows per window
 (at the sampled ``positions``), H heads, g slices.
@@ -129,8 +132,14 @@ def build_fit_problem(
     num_shards: int,
     softmax_mode: str = "partitioned",
     runtime_latent: torch.Tensor | None = None,  # [N, T, d_c] what the sharded runtime caches (default: latent)
+    runtime_q_latent: torch.Tensor | None = None,  # [N, P, H, d_c] the runtime's absorbed queries (default: q_latent)
+    runtime_w_uv: torch.Tensor | None = None,  # [H, d_v, d_c] the runtime's value up-projection (default: w_uv)
 ) -> ShardFitProblem:
-    """The fixed tensors of the fit, computed in the inputs' dtype."""
+    """The fixed tensors of the fit, computed in the inputs' dtype.
+
+    The target is the exact head output from ``q_latent``, ``latent`` and ``w_uv``; the
+    sliced outputs read the ``runtime_*`` tensors (a per-group latent projection caches
+    z = P ĉ and reads it through its own up-projections, so all three differ there)."""
     n, q_rows, heads, d_c = q_latent.shape
     t_len = latent.shape[1]
     if d_c % num_shards:
@@ -146,13 +155,15 @@ def build_fit_problem(
     probs = torch.softmax(exact.masked_fill(~allowed, float("-inf")), dim=-1)  # [N, H, P, T]
     target = torch.einsum("nhqc,hvc->nhqv", probs @ latent.unsqueeze(1), w_uv)  # [N, H, P, d_v]
 
-    q_sl = q_latent.reshape(n, q_rows, heads, num_shards, d_s)
+    q_runtime = q_latent if runtime_q_latent is None else runtime_q_latent
+    w_uv_runtime = w_uv if runtime_w_uv is None else runtime_w_uv
+    q_sl = q_runtime.reshape(n, q_rows, heads, num_shards, d_s)
     r_sl = runtime.reshape(n, t_len, num_shards, d_s)
     partial = scale * torch.einsum("nqhgd,ntgd->gnhqt", q_sl, r_sl)
     partial = partial.masked_fill(~allowed.unsqueeze(0), 0.0)
     return ShardFitProblem(partial=partial, rope=rope.masked_fill(~allowed, float("-inf")),
                            latent=r_sl.permute(2, 0, 1, 3).unsqueeze(2).contiguous(),
-                           w_uv=w_uv.reshape(heads, -1, num_shards, d_s).permute(2, 0, 1, 3).contiguous(),
+                           w_uv=w_uv_runtime.reshape(heads, -1, num_shards, d_s).permute(2, 0, 1, 3).contiguous(),
                            target=target, active=active)
 
 
@@ -289,9 +300,14 @@ def calibrate_layer(
     steps: int = DEFAULT_FIT_STEPS,
     lr: float = DEFAULT_FIT_LR,
     device: str | torch.device | None = None,
+    group_subspace: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> ShardScaleFit:
     """Fit one layer's slice scales on its captured activations (float32).
 
+    ``group_subspace`` = (P [d_c, d_c], W_UK' [H, d_nope, d_c], W_UV' [H, d_v, d_c]): the
+    runtime caches z = P ĉ (global RMSNorm) and reads it through W_UK', W_UV'
+    (ops/latent_basis.group_subspace_projection); ``w_uk``, ``w_uv`` and ``rotation`` then
+    describe the exact model the target comes from.
     Runs on ``device`` (default: CUDA when available, else CPU); returns CPU tensors.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -303,9 +319,16 @@ def calibrate_layer(
     exact = latent_rmsnorm(c, 1, "global", capture.eps)
     runtime = latent_rmsnorm(c, num_shards, rmsnorm, capture.eps)
     q_latent = torch.einsum("nqhd,hdc->nqhc", f32(capture.q_nope), f32(w_uk))
+    runtime_q_latent = runtime_w_uv = None
+    if group_subspace is not None:
+        projection, sub_uk, sub_uv = group_subspace
+        runtime = exact @ f32(projection).T  # [N, T, d_c]: rows z = P ĉ
+        runtime_q_latent = torch.einsum("nqhd,hdc->nqhc", f32(capture.q_nope), f32(sub_uk))
+        runtime_w_uv = f32(sub_uv)
     problem = build_fit_problem(q_latent, f32(capture.q_rope), positions.to(device), exact, f32(capture.k_rope),
                                 f32(w_uv), capture.scale, num_shards=num_shards, softmax_mode=softmax_mode,
-                                runtime_latent=runtime)
+                                runtime_latent=runtime, runtime_q_latent=runtime_q_latent,
+                                runtime_w_uv=runtime_w_uv)
     fit = fit_shard_scales(problem, init_logit_scale=init_logit_scale, fit_output=fit_output, steps=steps, lr=lr)
     for name in ("logit_scale", "output_scale", "error_before", "error_after"):
         setattr(fit, name, getattr(fit, name).cpu())

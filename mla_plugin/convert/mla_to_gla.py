@@ -8,6 +8,11 @@ W_UK. With calibration text (``calib_text``; train or validation text, never the
 split) the basis may be the activation PCA (``pca-act``), and the logit scale λ (and an
 output scale μ) may be fitted per (layer, head, slice) and folded into W_UK (and W_UV);
 see calibration_fit.py (the math) and calibration_capture.py (the transformers run).
+With the grouped softmax, ``basis="group-pca"`` gives each head group r its own projection
+B_r of the latent (fitted to the group's keys and values on the calibration text,
+ops/latent_basis.group_subspace_projection), written as one extra tensor per layer,
+``self_attn.latent_projection.weight`` = [B_0; …; B_{g−1}], declared by
+``"latent_projection": true``; W_DKV is then kept as it is.
 config.json then declares ``"mla_plugin": {"layout": "sharded_latent", ...}`` so
 vLLM with the plugin serves it with no flags. Under exact softmax and global RMSNorm
 the result is still an ordinary DeepSeek-V2 checkpoint computing the same function
@@ -40,6 +45,7 @@ from mla_plugin.convert.calibration_fit import (
 from mla_plugin.convert.declared_config import write_config
 from mla_plugin.convert.defaults import CALIBRATE_MODES
 from mla_plugin.convert.pipeline import (
+    INDEX_NAME,
     ConversionError,
     SourceCheckpoint,
     TensorEntry,
@@ -49,16 +55,23 @@ from mla_plugin.convert.pipeline import (
     copy_side_files,
     progress_reporter,
     read_source,
+    write_index,
     write_streamed,
 )
 from mla_plugin.convert.safetensors_stream import read_tensor, tensor_entries
 from mla_plugin.eval.eval_text import check_calibration_text
 from mla_plugin.gla_options import CONFIG_KEY, CONVERTER_BASES, ShardedLatentOptions, ShardingPlan
-from mla_plugin.ops.latent_basis import fold_gamma_and_rotate, fold_latent_weights
+from mla_plugin.ops.latent_basis import fold_gamma_and_rotate, fold_latent_weights, group_subspace_projection
 from mla_plugin.text_windows import read_text_file
 
 CALIB_TEXT_NEEDED = "needs calibration text: --calib-text FILE (train or validation text, never the test split)"
-_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.(kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj)\.weight$")
+GROUP_PCA = "group-pca"
+LATENT_PROJECTION = "latent_projection"  # the per-layer [d_c, d_c] tensor group-pca adds (gla_options.py)
+# Whether group-pca measures key errors in each head's query metric E[q qᵀ] and value errors in
+# its output metric W_O,hᵀ W_O,h (logit and output errors, docs/design.md section 5), or plainly.
+GROUP_PCA_METRICS = True
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.(kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj|o_proj)"
+                        r"\.weight$")
 
 
 @dataclass
@@ -132,13 +145,15 @@ class _Calibration:
 
 
 def _attention_weights_by_layer(source: SourceCheckpoint) -> dict[int, dict[str, TensorEntry]]:
-    """layer -> {"kv_a_proj_with_mqa" | "kv_a_layernorm" | "kv_b_proj": where the weight is}."""
+    """layer -> {"kv_a_proj_with_mqa" | "kv_a_layernorm" | "kv_b_proj" | "o_proj": where the weight is}."""
     found: dict[int, dict[str, TensorEntry]] = {}
     for name, entry in source.tensors.items():
         match = _LAYER_KEY.match(name)
         if match:
             found.setdefault(int(match.group(1)), {})[match.group(2)] = entry
-    missing = sorted(set(range(source.config["num_hidden_layers"])) - set(found))
+    latent = ("kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj")  # o_proj alone is no MLA attention
+    have = {layer for layer, parts in found.items() if any(kind in parts for kind in latent)}
+    missing = sorted(set(range(source.config["num_hidden_layers"])) - have)
     if missing:
         raise ConversionError(f"{source.path}: layers {missing} have no MLA attention weights (kv_a_proj_with_mqa, "
                               "kv_a_layernorm, kv_b_proj); restore the missing weights")
@@ -178,7 +193,23 @@ def _fold_layer(config: dict, layer: int, parts: dict[str, TensorEntry], *, scal
         captured = calibration.capture.layers.get(layer)
         if captured is None:
             raise ConversionError(f"layer {layer}: no calibration activations captured")
-    if basis == "pca-act":
+    projection = None
+    if basis == GROUP_PCA:
+        per_head = kv_b.reshape(heads, nope + v, d_c)  # [H, d_nope + d_v, d_c]
+        w_dkv, w_uk, w_uv = fold_gamma_and_rotate(kv_a[:d_c], gamma, per_head[:, :nope], per_head[:, nope:],
+                                                  torch.eye(d_c, dtype=torch.float64))
+        rotation = torch.eye(d_c, dtype=torch.float64)
+        key_metric = value_metric = None
+        if GROUP_PCA_METRICS:
+            q = captured.q_nope.to(torch.float64).reshape(-1, heads, nope)  # [rows, H, d_nope]
+            key_metric = torch.einsum("rhi,rhj->hij", q, q) / q.shape[0]  # [H, d_nope, d_nope]
+            if "o_proj" in parts:
+                w_o = load("o_proj").reshape(-1, heads, v)  # [d_model, H, d_v]
+                value_metric = torch.einsum("dhi,dhj->hij", w_o, w_o)  # [H, d_v, d_v]
+        projection, sub_uk, sub_uv = group_subspace_projection(
+            w_uk, w_uv, latent_second_moment(captured.latent, captured.eps), shards,
+            key_metric=key_metric, value_metric=value_metric)
+    elif basis == "pca-act":
         rotation = activation_pca_basis(latent_second_moment(captured.latent, captured.eps))  # [d_c, d_c]
         per_head = kv_b.reshape(heads, nope + v, d_c)  # [H, d_nope + d_v, d_c]
         w_dkv, w_uk, w_uv = fold_gamma_and_rotate(kv_a[:d_c], gamma, per_head[:, :nope], per_head[:, nope:],
@@ -190,31 +221,39 @@ def _fold_layer(config: dict, layer: int, parts: dict[str, TensorEntry], *, scal
         fit = calibrate_layer(captured, calibration.capture.positions, w_uk, w_uv, rotation,
                               num_shards=shards, softmax_mode=calibration.softmax,
                               rmsnorm=calibration.rmsnorm, init_logit_scale=scale,
-                              fit_output=calibration.mode == "logit+output")
+                              fit_output=calibration.mode == "logit+output",
+                              group_subspace=None if projection is None else (projection, sub_uk, sub_uv))
         calibration.fits[layer] = fit
+        if projection is not None:
+            w_uk, w_uv = sub_uk, sub_uv
         w_uk, w_uv = fold_shard_scales(w_uk, w_uv, fit.logit_scale.to(torch.float64),
                                        fit.output_scale.to(torch.float64))
     else:
+        if projection is not None:
+            w_uk, w_uv = sub_uk, sub_uv
         w_uk = w_uk * scale
     new = {
         "kv_a_proj_with_mqa": torch.cat([w_dkv, kv_a[d_c:]]),  # [d_c + d_R, d_model]
         "kv_a_layernorm": torch.ones(d_c, dtype=torch.float64),  # [d_c], weightless now
         "kv_b_proj": torch.cat([w_uk, w_uv], dim=1).reshape(heads * (nope + v), d_c),  # [H * (d_nope + d_v), d_c]
     }
-    return {f"{prefix}{kind}.weight": tensor.to(parts[kind].dtype) for kind, tensor in new.items()}
+    out = {f"{prefix}{kind}.weight": tensor.to(parts[kind].dtype) for kind, tensor in new.items()}
+    if projection is not None:  # [d_c, d_c] = [B_0; …; B_{g−1}], stored like kv_b_proj
+        out[f"{prefix}{LATENT_PROJECTION}.weight"] = projection.to(parts["kv_b_proj"].dtype)
+    return out
 
 
 def _check_calibration(basis: str, softmax: str, calib_text, calibrate: str, calib_tokens: int,
                        calib_window: int, allow_eval_text: bool = False) -> Path | None:
     if calibrate not in CALIBRATE_MODES:
         raise ConversionError(f"calibrate must be one of {list(CALIBRATE_MODES)}, got {calibrate!r}")
-    needs_text = basis == "pca-act" or calibrate != "none"
+    needs_text = basis in ("pca-act", GROUP_PCA) or calibrate != "none"
     if calibrate != "none" and softmax == "exact":
         raise ConversionError(f"calibrate={calibrate!r} with softmax 'exact': nothing to calibrate (exact equals "
                               "MLA; slice scales apply to the partitioned and grouped softmax)")
     if not needs_text:
         return None
-    what = "basis 'pca-act'" if basis == "pca-act" else f"calibrate={calibrate!r}"
+    what = f"basis {basis!r}" if basis in ("pca-act", GROUP_PCA) else f"calibrate={calibrate!r}"
     if calib_text is None:
         raise ConversionError(f"{what} {CALIB_TEXT_NEEDED}")
     path = Path(calib_text)
@@ -227,6 +266,19 @@ def _check_calibration(basis: str, softmax: str, calib_text, calibrate: str, cal
         raise ConversionError(f"calib_tokens ({calib_tokens!r}) must be at least one window ({calib_window})")
     check_calibration_text(read_text_file(path), path, allow_eval_text=allow_eval_text)
     return path
+
+
+def _check_group_pca(basis: str, softmax: str, rmsnorm: str) -> None:
+    """group-pca is one projection per head group: grouped softmax and the global RMSNorm only."""
+    if basis != GROUP_PCA:
+        return
+    if softmax != "grouped":
+        raise ConversionError(f"basis 'group-pca' gives each head group its own latent subspace: it needs "
+                              f"--softmax grouped (got {softmax!r}); for {softmax} use --basis pca-act or hadamard")
+    if rmsnorm != "global":
+        raise ConversionError("basis 'group-pca' projects the globally normalised latent: it needs --rmsnorm "
+                              f"global (got {rmsnorm!r}); the rank forms the whole latent, so the global norm is "
+                              "exact and free")
 
 
 def _calibration_summary(calibration: _Calibration) -> tuple[dict, list[str]]:
@@ -280,15 +332,16 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_
         raise ConversionError(f"basis must be one of {list(CONVERTER_BASES)}, got {basis!r}")
     if logit_scale != "auto" and (isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float))):
         raise ConversionError(f"logit_scale (--logit-scale) must be a number or 'auto', got {logit_scale!r}")
+    _check_group_pca(basis, softmax, rmsnorm)
     calib_path = _check_calibration(basis, softmax, calib_text, calibrate, calib_tokens, calib_window,
                                     allow_eval_text)
     runtime, plan = _runtime_options(source, shards=shards, softmax=softmax, rmsnorm=rmsnorm,
-                                     logit_scale=logit_scale)
+                                     logit_scale=logit_scale, latent_projection=basis == GROUP_PCA)
     progress = progress_reporter(show_progress)
     calibration = None
     if calib_path is not None:
         calibration = _capture(source, calib_path, calibrate=calibrate, softmax=softmax, rmsnorm=rmsnorm,
-                               tokens=calib_tokens, window=calib_window, show_progress=show_progress)
+                               basis=basis, tokens=calib_tokens, window=calib_window, show_progress=show_progress)
     replaced = _layer_transforms(source, plan.logit_scale, basis, progress, plan.shards, calibration)
     if calibration is not None:
         calibration.capture.layers = {}  # the activations are no longer needed
@@ -297,12 +350,18 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_
         calib_record, notes = {"calibrate": "none"}, []
     dst.mkdir(parents=True, exist_ok=True)
     copied = _write_weights(source, dst, replaced, progress)
-    copy_side_files(source.path, dst, skip=("config.json",))  # the index too: names and files are kept
+    # the index too (names and files are kept), unless new tensors join it: then it is rewritten
+    added = {name for name in replaced if name not in source.tensors}
+    copy_side_files(source.path, dst, skip=("config.json", INDEX_NAME) if added and source.has_index
+                    else ("config.json",))
+    if added and source.has_index:
+        write_index(dst, {name: entry.path.name for name, entry in source.tensors.items()}
+                    | {name: _file_of_layer(source, name).name for name in added})
     config = _output_config(source.config, runtime, plan, basis, calib_record)
     write_config(dst, config)  # declares the architecture; the modeling file where not plain MLA
     d_c, d_r = config["kv_lora_rank"], config["qk_rope_head_dim"]
     return ConversionReport(
-        layers=len(replaced) // 3, shards=plan.shards, options=config[CONFIG_KEY],
+        layers=config["num_hidden_layers"], shards=plan.shards, options=config[CONFIG_KEY],
         kv_values_per_token_per_layer_before=d_c + d_r,
         kv_values_per_token_per_layer_per_rank_after=d_c // plan.shards + d_r,
         changed_tensors=len(replaced), copied_tensors=copied, notes=notes,
@@ -310,34 +369,46 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_
 
 
 def _runtime_options(source: SourceCheckpoint, *, shards: int, softmax: str, rmsnorm: str,
-                     logit_scale) -> tuple[ShardedLatentOptions, ShardingPlan]:
+                     logit_scale, latent_projection: bool) -> tuple[ShardedLatentOptions, ShardingPlan]:
     """The options the converted checkpoint declares (basis applied already), checked against the source."""
     try:
         runtime = ShardedLatentOptions.from_config(dict(
             shards=shards, softmax=softmax, rmsnorm=rmsnorm, basis="identity",
-            logit_scale=logit_scale, layout="sharded_latent"))
+            logit_scale=logit_scale, layout="sharded_latent", latent_projection=latent_projection))
         return runtime, _check_inputs(source, runtime)
     except ValueError as err:
         raise ConversionError(str(err)) from None
 
 
 def _capture(source: SourceCheckpoint, calib_path: Path, *, calibrate: str, softmax: str, rmsnorm: str,
-             tokens: int, window: int, show_progress: bool) -> _Calibration:
+             basis: str, tokens: int, window: int, show_progress: bool) -> _Calibration:
     """Run the source once over the calibration text (transformers) and keep what the fit needs."""
     try:
         capture = capture_activations(source.path, calib_path, tokens=tokens, window=window,
-                                      need_queries=calibrate != "none", show_progress=show_progress)
+                                      need_queries=calibrate != "none" or basis == GROUP_PCA,
+                                      show_progress=show_progress)
     except ValueError as err:
         raise ConversionError(str(err)) from None
     return _Calibration(capture=capture, mode=calibrate, softmax=softmax, rmsnorm=rmsnorm)
 
 
+def _file_of_layer(source: SourceCheckpoint, name: str) -> Path:
+    """The source file that holds the kv_b_proj of the layer a new tensor ``name`` belongs to."""
+    prefix = name.rsplit(".self_attn.", 1)[0]
+    return source.tensors[f"{prefix}.self_attn.kv_b_proj.weight"].path
+
+
 def _write_weights(source: SourceCheckpoint, dst: Path, replaced: dict[str, torch.Tensor], progress) -> int:
-    """Every source file rewritten under its own name, the replaced tensors swapped in; returns the
-    number of tensors copied unchanged."""
+    """Every source file rewritten under its own name, the replaced tensors swapped in and new ones
+    (group-pca's latent_projection) added to the file of their layer's kv_b_proj; returns the number of
+    tensors copied unchanged."""
     copied = 0
+    added = [name for name in replaced if name not in source.tensors]
     for path in progress(source.files, desc="write"):
         entries = tensor_entries(path)
+        for name in added:
+            if _file_of_layer(source, name) == path:
+                entries[name] = (replaced[name].dtype, list(replaced[name].shape))
 
         def tensor_for(name, path=path):
             nonlocal copied
@@ -354,6 +425,9 @@ def _output_config(config: dict, runtime: ShardedLatentOptions, plan: ShardingPl
                    calib_record: dict) -> dict:
     """The source's config.json with the layout declared, so vLLM with the plugin needs no flag."""
     # The scale is folded into W_UK, so the runtime multiplies by 1.
-    config[CONFIG_KEY] = dict(runtime.to_dict(), logit_scale=1.0,
+    options = runtime.to_dict()
+    if not options.get("latent_projection"):
+        options.pop("latent_projection", None)  # absent = false: configs of other conversions as before
+    config[CONFIG_KEY] = dict(options, logit_scale=1.0,
                               converted_with={"basis": basis, "logit_scale": plan.logit_scale, **calib_record})
     return config

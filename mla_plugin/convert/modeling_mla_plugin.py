@@ -14,6 +14,10 @@ DeepseekV2ForCausalLM computing the function config.json declares under "mla_plu
   each slice's partial latent logit times λ (``logit_scale``: a number, or "auto" = g for
   partitioned, 1 for grouped; converted checkpoints have λ folded into kv_b_proj and
   declare 1). Identity basis only (converted checkpoints have theirs folded in).
+  With ``latent_projection: true`` (grouped softmax, global RMSNorm; `convert mla-to-gla
+  --basis group-pca`) each layer has ``latent_projection.weight`` P = [B_0; …; B_{g−1}]
+  [d_c, d_c] and head group j reads z^(j) = B_j ĉ (the slice j of z = P ĉ) instead of
+  slice j of ĉ.
 
 Self-contained on purpose: it needs torch and transformers only, not the mla_plugin
 package. Its attention does not go through transformers' pluggable attention functions,
@@ -61,7 +65,14 @@ def _sharded_latent_options(options: dict) -> dict | None:
         scale = 1.0
     elif scale == "auto":
         scale = float(shards) if softmax == "partitioned" else 1.0
-    return dict(shards=shards, softmax=softmax, rmsnorm=rmsnorm, logit_scale=float(scale))
+    projection = options.get("latent_projection", False)
+    if not isinstance(projection, bool):
+        raise ValueError(f"mla_plugin.latent_projection must be true or false, got {projection!r}")
+    if projection and (softmax != "grouped" or rmsnorm != "global"):
+        raise ValueError("mla_plugin.latent_projection needs softmax 'grouped' and rmsnorm 'global' "
+                         f"(got {softmax!r}, {rmsnorm!r})")
+    return dict(shards=shards, softmax=softmax, rmsnorm=rmsnorm, logit_scale=float(scale),
+                latent_projection=projection)
 
 
 class LatentSliceAttention(nn.Module):
@@ -146,6 +157,8 @@ class ShardedLatentDeepseekV2Attention(DeepseekV2Attention):
             raise ValueError(f"grouped softmax needs the {self.num_heads} heads divisible by shards "
                              f"{options['shards']}")
         self.rmsnorm, self.eps = options["rmsnorm"], config.rms_norm_eps
+        if options["latent_projection"]:  # P = [B_0; …; B_{g−1}]: z = P ĉ, group j reads z^(j)
+            self.latent_projection = nn.Linear(self.kv_lora_rank, self.kv_lora_rank, bias=False)
         self.slices = LatentSliceAttention(shards=options["shards"], softmax=options["softmax"],
                                            logit_scale=options["logit_scale"])
 
@@ -161,7 +174,10 @@ class ShardedLatentDeepseekV2Attention(DeepseekV2Attention):
         latent, k_pe = torch.split(self.kv_a_proj_with_mqa(hidden_states),
                                    [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)  # [B, S, d_c], [B, S, d_R]
         normed = _latent_rmsnorm(latent, self.slices.shards, self.rmsnorm, self.eps)
-        latent = (self.kv_a_layernorm.weight.to(normed.dtype) * normed).to(latent.dtype)  # γ ĉ
+        latent = self.kv_a_layernorm.weight.to(normed.dtype) * normed  # γ ĉ [B, S, d_c]
+        if hasattr(self, "latent_projection"):
+            latent = latent @ self.latent_projection.weight.to(latent.dtype).T  # rows z = P (γ ĉ), [B, S, d_c]
+        latent = latent.to(hidden_states.dtype)
         latent = latent.view(batch, 1, queries, self.kv_lora_rank)
         k_pe = k_pe.view(batch, 1, queries, self.qk_rope_head_dim)
         q_pe, k_pe = apply_rotary_emb(q_pe, k_pe, position_embeddings.to(q_pe.device))

@@ -6,7 +6,8 @@ token after the first of a window scored, ppl = exp(mean over windows of the win
 mean NLL). This is the protocol behind DeepSeek-V2-Lite's published 6.3102.
 
 Engines: ``transformers`` (the reference; ``scoring_transformers.py``) and ``vllm`` (any
-attention backend, TP size and hf_overrides; ``scoring_vllm.py``). Scoring modes:
+attention backend, TP size and hf_overrides; ``scoring_vllm.py``), ``sglang`` (SGLang's offline
+engine, prefill only, run from the SGLang venv; ``scoring_sglang.py``). Scoring modes:
 ``prefill`` scores each window's prompt logprobs (the model's prefill); ``decode`` feeds
 the window's first token and scores every later token as a generated one, forced onto the
 reference text (through vLLM's decode path, or transformers' KV cache). The windowing
@@ -22,7 +23,7 @@ from pathlib import Path
 from mla_plugin.errors import MLAPluginInputError
 from mla_plugin.text_windows import make_windows, read_text_file, tokenize_once
 
-ENGINES = ("vllm", "transformers")
+ENGINES = ("vllm", "transformers", "sglang")
 DTYPES = ("float32", "bfloat16", "float16")
 SCORE_MODES = ("prefill", "decode")
 # Defaults of perplexity() and of `mla-plugin ppl` (the CLI reads these).
@@ -49,6 +50,13 @@ def check_arguments(model, *, engine: str, window: int, max_windows: int | None,
     """Refuse bad arguments before any text is read or any engine starts."""
     if engine not in ENGINES:
         raise MLAPluginInputError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "sglang":
+        from mla_plugin.eval.scoring_sglang import require_sglang
+
+        if score != "prefill":
+            raise MLAPluginInputError("--engine sglang scores prefill only so far (prompt logprobs); use "
+                                      "--score prefill, or --engine vllm / transformers for --score decode")
+        require_sglang()
     if score not in SCORE_MODES:
         raise MLAPluginInputError(f"score must be one of {', '.join(SCORE_MODES)}, got {score!r}")
     if dtype not in DTYPES:
@@ -170,6 +178,10 @@ class PerplexityScorer:
                 from mla_plugin.eval.scoring_transformers import TransformersScorer
 
                 self._scorer = TransformersScorer(self.model, dtype=self.dtype, **self.engine_options)
+            elif self.engine == "sglang":
+                from mla_plugin.eval.scoring_sglang import SGLangScorer
+
+                self._scorer = SGLangScorer(self.model, window=self.window, dtype=self.dtype, **self.engine_options)
             else:
                 from mla_plugin.eval.scoring_vllm import VLLMScorer
 
@@ -194,7 +206,8 @@ class PerplexityScorer:
             tokens_scored=len(windows) * (self.window - 1), mean_nll=sum(nlls) / len(nlls),
             ppl=perplexity_from_window_nlls(nlls), text_tokens=len(ids), score=score,
             options={k: v for k, v in self.engine_options.items() if k in
-                     ("attention_backend", "tensor_parallel_size", "hf_overrides")},
+                     ("attention_backend", "tensor_parallel_size", "hf_overrides", "tp_size",
+                      "json_model_override_args")},
         )
 
     def close(self) -> None:

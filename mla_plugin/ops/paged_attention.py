@@ -30,6 +30,9 @@ partial results (ō_a, lse_a) are merged by their log-sum-exp:
 An empty part has lse = −inf and contributes nothing; a stream with no key at all
 (an empty request) gives ō = 0, lse = −inf, never NaN.
 
+An fp8 cache (``latent_cache.py``) holds values / σ; every row read is multiplied by σ
+(``cache_scale``, a device tensor: never read on the host) before any product.
+
 Nothing here reads a tensor's value on the host (no ``.item()``, ``.tolist()``,
 ``bool(tensor)``): loop bounds come from shapes and from the host-side hints
 ``max_query_len`` / ``max_seq_len``, so a GPU kernel can replace this one function and
@@ -41,6 +44,7 @@ from collections.abc import Callable
 import torch
 
 from mla_plugin.ops.kernel_choice import KERNEL_CALLS, kernel_for
+from mla_plugin.ops.latent_cache import is_fp8_cache
 from mla_plugin.ops.sharded_latent import ONE_SLICE, LatentSlices, compute_dtype_for
 
 # Upper bound on one chunk's working set (gathered rows + logits), in elements.
@@ -79,8 +83,16 @@ def _check_inputs(
     slices: LatentSlices,
     all_reduce: AllReduce | None,
     return_lse: bool,
+    cache_scale: torch.Tensor | None = None,
 ) -> None:
     """Shape and option checks (host metadata only, never tensor values)."""
+    if cache_scale is not None and not is_fp8_cache(cache):
+        raise ValueError(f"cache_scale applies to an fp8 (float8_e4m3fn) cache only, not to a {cache.dtype} cache")
+    if cache_scale is not None and (not isinstance(cache_scale, torch.Tensor) or cache_scale.numel() != 1):
+        raise ValueError("cache_scale must be a one-element tensor (σ of the fp8 cache, e.g. vLLM's layer._k_scale)")
+    if cache.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16) and not is_fp8_cache(cache):
+        raise ValueError(f"cache dtype {cache.dtype} is not a latent cache dtype (float32/bfloat16/float16, "
+                         "float64, or float8_e4m3fn with cache_scale)")
     if q_latent.dim() != 3:
         raise ValueError(f"q_latent must be [T, H, d_loc], got {tuple(q_latent.shape)}")
     tokens, heads, d_loc = q_latent.shape
@@ -173,6 +185,7 @@ def _gather_chunk(
     first_block: int,
     num: int,
     compute_dtype: torch.dtype,
+    cache_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows of table columns ``first_block .. +num``: ``(rows[B, C, D], positions[C], valid[B, C])``.
 
@@ -190,7 +203,10 @@ def _gather_chunk(
     columns = (safe // block_size).clamp(max=table.shape[1] - 1)
     slots = table.gather(1, columns) * block_size + safe % block_size  # [B, C]
     rows = cache_rows.index_select(0, slots.reshape(-1))  # [B * C, D]
-    return rows.reshape(batch, -1, cache_rows.shape[-1]).to(compute_dtype), positions, valid
+    rows = rows.reshape(batch, -1, cache_rows.shape[-1]).to(compute_dtype)
+    if cache_scale is not None:  # fp8: stored values times σ
+        rows = rows * cache_scale.to(compute_dtype).reshape(())
+    return rows, positions, valid
 
 
 def _reduce(all_reduce: AllReduce | None, tensor: torch.Tensor) -> torch.Tensor:
@@ -305,6 +321,7 @@ def paged_latent_attention(
     chunk_tokens: int | None = None,
     return_lse: bool = False,
     kernel: str | None = None,
+    cache_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Causal latent attention over a paged cache; ``out[T, H, d_loc]`` (and ``lse[T, H]``).
 
@@ -327,8 +344,12 @@ def paged_latent_attention(
     ``kernel`` picks the implementation: ``"torch"`` (this module) or ``"triton"``
     (``triton_paged_attention.py``, the same function); None follows ``MLA_PLUGIN_KERNEL``
     and otherwise takes Triton on CUDA (``kernel_choice.py``).
+
+    ``cache_scale`` is σ of an fp8 (``float8_e4m3fn``) cache, a one-element float32 tensor
+    (None: 1); the cache holds values / σ (``write_latent_cache``).
     """
-    _check_inputs(q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, slices, all_reduce, return_lse)
+    _check_inputs(q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, slices, all_reduce, return_lse,
+                  cache_scale)
     kernel = kernel_for(q_latent.device, q_latent.dtype, kernel)
     KERNEL_CALLS[kernel] += 1
     if kernel == "triton":
@@ -336,7 +357,7 @@ def paged_latent_attention(
 
         return triton_paged_latent_attention(
             q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, scale, slices, all_reduce,
-            max_seq_len, return_lse,
+            max_seq_len, return_lse, cache_scale=cache_scale,
         )
     tokens, heads, d_loc = q_latent.shape
     d_r = q_rope.shape[-1]
@@ -372,7 +393,8 @@ def paged_latent_attention(
     out = lse = None
     for first in range(0, needed_blocks, chunk_blocks):
         num = min(chunk_blocks, needed_blocks - first)
-        rows, positions, valid = _gather_chunk(cache_rows, table, lens, block_size, first, num, compute_dtype)
+        rows, positions, valid = _gather_chunk(cache_rows, table, lens, block_size, first, num, compute_dtype,
+                                               cache_scale)
         scores, values = streams.scores_and_values(rows, scale, all_reduce)  # [B, K, M, C]
         allowed = valid.unsqueeze(1)  # [B, 1, C]: a decode sees its whole context
         if max_query_len > 1:

@@ -36,7 +36,11 @@ that the caller all-reduces before stage 1 reads it.
 
 Loads are upcast to float32; the products run in float32 (``ieee``) for float32 inputs
 and in Triton's interpreter, and in the cache dtype (bf16/fp16, float32 accumulation) on
-a GPU. Unused cache slots are never loaded (masked loads), so NaN there cannot leak.
+a GPU. An fp8 cache (values / σ, ``latent_cache.py``) is read as stored: e4m3 values are
+exact in fp16/fp32, so they are widened to fp16 for the products on a GPU (the query is
+rounded to fp16 too; e4m3 → fp16 is the hardware's native conversion), and
+σ (read from a device tensor) is folded into the logit scale (s = τ σ (q · k_stored)) and
+into the output (ō = σ Σ_n p_n ĉ_stored,n); the partial-logits kernel multiplies its sums by σ. Unused cache slots are never loaded (masked loads), so NaN there cannot leak.
 No tensor is read on the host: grid sizes come from shapes and host ints only, so the
 launch can be captured in a CUDA graph (the split count depends only on the number of
 query rows and heads).
@@ -65,17 +69,22 @@ def _split_attention(
     token_request_ptr, token_context_ptr,  # [T] int32: b(t), ctx_t
     logits_ptr,  # [T, H, L] float32 (LOGITS_IN only)
     partial_out_ptr, partial_lse_ptr,  # [T, H, S, NUM_SPLITS, D_S], [T, H, S, NUM_SPLITS] float32
+    kv_scale_ptr,  # [1] float32: σ of an fp8 cache (IS_FP8 only)
     scale,
     stride_qt, stride_qh, stride_rt, stride_rh,
     stride_cache_block, stride_cache_slot, stride_table,
     stride_lt, stride_lh,
     num_heads, num_slices, heads_per_stream, head_base, head_step, head_blocks,
     num_splits, block_size, d_loc, d_s, d_r,
-    LOGITS_IN: tl.constexpr, LOW_PRECISION: tl.constexpr,
+    LOGITS_IN: tl.constexpr, LOW_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DR: tl.constexpr,
     EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr,
 ):
     scale_log2 = scale * 1.4426950408889634  # τ log2(e)
+    if IS_FP8:
+        kv_scale = tl.load(kv_scale_ptr)  # σ: logits and outputs are σ times those of the stored values
+        if not LOGITS_IN:
+            scale_log2 = scale_log2 * kv_scale
     pid = tl.program_id(0)
     head_block = pid % head_blocks
     j = (pid // head_blocks) % num_slices
@@ -109,10 +118,15 @@ def _split_attention(
                     mask=head_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_DS]
     q_r = tl.load(q_rope_ptr + t64 * stride_rt + heads[:, None] * stride_rh + dr[None, :],
                   mask=head_ok[:, None] & dr_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_DR]
-    if LOW_PRECISION:
-        q_r = q_r.to(cache_ptr.dtype.element_ty)
-        if not LOGITS_IN:
-            q = q.to(cache_ptr.dtype.element_ty)
+    if LOW_PRECISION:  # products in the cache dtype (an fp8 cache: in fp16, e4m3's native widening)
+        if IS_FP8:
+            q_r = q_r.to(tl.float16)
+            if not LOGITS_IN:
+                q = q.to(tl.float16)
+        else:
+            q_r = q_r.to(cache_ptr.dtype.element_ty)
+            if not LOGITS_IN:
+                q = q.to(cache_ptr.dtype.element_ty)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_H], tl.float32)
@@ -135,12 +149,17 @@ def _split_attention(
         else:
             rope = tl.load(cache_ptr + row[:, None] + d_loc + dr[None, :],
                            mask=key_ok[:, None] & dr_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DR]
+        if IS_FP8 and LOW_PRECISION:  # stored values, exactly, in fp16; σ is folded in
+            latent = latent.to(tl.float16)
+            rope = rope.to(tl.float16)
         if LOW_PRECISION:
             s = tl.dot(q_r, tl.trans(rope))  # [BLOCK_H, BLOCK_N]
         else:
             latent = latent.to(tl.float32)
             s = tl.dot(q_r, tl.trans(rope.to(tl.float32)), input_precision="ieee")
         if LOGITS_IN:
+            if IS_FP8:  # the summed partial logits already carry σ; the rope logit gets it here
+                s = s * kv_scale
             s += tl.load(logits_ptr + t64 * stride_lt + heads[:, None] * stride_lh + pos[None, :],
                          mask=head_ok[:, None] & key_ok[None, :], other=0.0)
         elif LOW_PRECISION:
@@ -162,6 +181,8 @@ def _split_attention(
         m = m_new
 
     has_keys = total > 0.0
+    if IS_FP8:
+        acc = acc * kv_scale  # Σ p ĉ_stored · σ
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, total, 1.0)[:, None], 0.0)
     lse = tl.where(has_keys, m * 0.6931471805599453 + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
     slot = ((t64 * num_heads + heads) * num_slices + j) * num_splits + split  # [BLOCK_H]
@@ -214,9 +235,11 @@ def _partial_logits(
     q_latent_ptr,  # [T, H, d_loc] (λ folded in)
     cache_ptr, block_table_ptr, token_request_ptr, token_context_ptr,
     logits_ptr,  # [T, H, L] float32
+    kv_scale_ptr,  # [1] float32: σ of an fp8 cache (IS_FP8 only)
     stride_qt, stride_qh, stride_cache_block, stride_cache_slot, stride_table, stride_lt, stride_lh,
     num_heads, head_blocks, key_blocks, block_size, d_loc, length,
-    LOW_PRECISION: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LOW_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     head_block = pid % head_blocks
@@ -239,10 +262,14 @@ def _partial_logits(
         q = tl.load(q_latent_ptr + t64 * stride_qt + heads[:, None] * stride_qh + d[None, :],
                     mask=head_ok[:, None] & d_ok[None, :], other=0.0)
         latent = tl.load(cache_ptr + row[:, None] + d[None, :], mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        if IS_FP8:  # stored values, exactly (fp16 for low-precision products); σ is applied to the sum below
+            latent = latent.to(tl.float16 if LOW_PRECISION else tl.float32)
         if LOW_PRECISION:
             s += tl.dot(q.to(latent.dtype), tl.trans(latent))
         else:
             s += tl.dot(q.to(tl.float32), tl.trans(latent.to(tl.float32)), input_precision="ieee")
+    if IS_FP8:
+        s = s * tl.load(kv_scale_ptr)
     # Keys past the context get 0 (never read by stage 1); the whole buffer row is defined.
     tl.store(logits_ptr + t64 * stride_lt + heads[:, None] * stride_lh + pos[None, :], s,
              mask=head_ok[:, None] & (pos < length)[None, :])
@@ -316,6 +343,7 @@ def triton_paged_latent_attention(
     max_seq_len: int | None,
     return_lse: bool,
     num_splits: int | None = None,
+    cache_scale: torch.Tensor | None = None,
 ):
     """The seam's function on Triton kernels; arguments as ``paged_latent_attention``
     (checked there). ``num_splits`` overrides the split-K count (tests)."""
@@ -332,7 +360,14 @@ def triton_paged_latent_attention(
         raise ValueError(f"the cache's last dimension must be contiguous, got strides {cache.stride()}")
     _check_interpreter(device)
 
-    low_precision = cache.dtype in (torch.bfloat16, torch.float16) and not interpreting()
+    half = (torch.bfloat16, torch.float16)
+    is_fp8 = cache.dtype == torch.float8_e4m3fn
+    low_precision = (cache.dtype in half or (is_fp8 and q_latent.dtype in half)) and not interpreting()
+    if is_fp8:
+        kv_scale = (torch.ones(1, dtype=torch.float32, device=device) if cache_scale is None
+                    else cache_scale.reshape(1).to(device=device, dtype=torch.float32))
+    else:
+        kv_scale = lse  # placeholder pointer, never read
     lam = slices.local_logit_scale(torch.float32, device)  # [H, S_local] or None
     if lam is not None:  # fold λ_{h,j} into q̃_h^(j)
         d_s = d_loc // slices.shards_local
@@ -374,10 +409,10 @@ def triton_paged_latent_attention(
         key_blocks = triton.cdiv(length, 64)
         _partial_logits[(tokens * key_blocks * triton.cdiv(heads, block_h),)](
             q_latent, cache, table, request, context, logits,
-            q_latent.stride(0), q_latent.stride(1), cache.stride(0), cache.stride(1), table.stride(0),
+            kv_scale, q_latent.stride(0), q_latent.stride(1), cache.stride(0), cache.stride(1), table.stride(0),
             logits.stride(0), logits.stride(1),
             heads, triton.cdiv(heads, block_h), key_blocks, block_size, d_loc, length,
-            LOW_PRECISION=low_precision, BLOCK_H=block_h, BLOCK_N=64, BLOCK_D=min(128, _pow2(d_loc)),
+            LOW_PRECISION=low_precision, IS_FP8=is_fp8, BLOCK_H=block_h, BLOCK_N=64, BLOCK_D=min(128, _pow2(d_loc)),
         )
         reduced = all_reduce(logits)
         logits = logits if reduced is None else reduced
@@ -386,12 +421,12 @@ def triton_paged_latent_attention(
     partial_out = torch.empty((tokens, heads, num_slices, num_splits, d_s), dtype=torch.float32, device=device)
     partial_lse = torch.empty((tokens, heads, num_slices, num_splits), dtype=torch.float32, device=device)
     _split_attention[(tokens * num_splits * num_slices * head_blocks,)](
-        q_latent, q_rope, cache, table, request, context, logits, partial_out, partial_lse, float(scale),
+        q_latent, q_rope, cache, table, request, context, logits, partial_out, partial_lse, kv_scale, float(scale),
         q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
         cache.stride(0), cache.stride(1), table.stride(0), stride_lt, stride_lh,
         heads, num_slices, heads_per_stream, head_base, head_step, head_blocks,
         num_splits, block_size, d_loc, d_s, d_r,
-        LOGITS_IN=logits_in, LOW_PRECISION=low_precision,
+        LOGITS_IN=logits_in, LOW_PRECISION=low_precision, IS_FP8=is_fp8,
         BLOCK_H=block_h, BLOCK_N=config["block_n"], BLOCK_DS=_pow2(d_s), BLOCK_DR=_pow2(d_r),
         EVEN_DS=_pow2(d_s) == d_s, EVEN_DR=_pow2(d_r) == d_r,
         num_warps=config["num_warps"], num_stages=config["num_stages"],

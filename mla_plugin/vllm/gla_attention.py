@@ -15,6 +15,14 @@ symbols as in its Glossary, weights W x with nn.Linear's [out, in] shape):
 
 At n_TP = 1 one rank holds all g slices and computes the same function.
 
+Grouped softmax splits the heads with the latent (``plan.heads_split``; GLA's own layout):
+a rank holds only the H_loc = H / n_TP heads of its g_loc groups. W_Q is column-parallel and
+W_O row-parallel as in vLLM's head-parallel TP (o_proj's all-reduce is the only one), and
+kv_b_proj holds only those heads' rows and (identity basis) this rank's latent columns, narrowed
+from the checkpoint tensor by its weight loader; W_DKV, W_KR and γ stay replicated. With
+``latent_projection`` (a group-pca checkpoint) the rank caches z^loc = P_loc ĉ, P_loc its rows
+of P = [B_0; …; B_{g−1}] (weightless global RMSNorm first), instead of ĉ^loc.
+
 One :class:`~mla_plugin.gla_options.ShardingPlan`, built here from the config, is shared
 by the layer (:class:`ShardedLatentMLAAttention`: latent preparation, weight folding)
 and the impl (``gla_backend.ShardedLatentImpl``: attention over the slices). d_c is
@@ -27,11 +35,18 @@ from torch import nn
 from mla_plugin import GLA_BACKEND_NAME
 from mla_plugin.gla_options import ShardingPlan, plan_for
 from mla_plugin.ops import latent_rmsnorm
-from mla_plugin.sharded_weights import fold_rank_up_projection
+from mla_plugin.sharded_weights import (
+    fold_rank_up_projection,
+    rank_latent_projection_block,
+    rank_up_projection_block,
+    rank_up_projection_shape,
+)
 from mla_plugin.vllm.compat import (
+    ColumnParallelLinear,
     MLAAttention,
     ReplicatedLinear,
     RMSNorm,
+    RowParallelLinear,
     get_rope,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
@@ -56,6 +71,29 @@ def _rope_and_scale(config, qk_rope_head_dim: int, max_position: int, scale: flo
     return rotary, scale
 
 
+def _load_narrowed(block_of):
+    """A weight loader that copies this rank's block of the checkpoint tensor (a view), so the
+    whole tensor is never copied into the rank's parameter (touch point "replicated linear")."""
+
+    def weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        block = block_of(loaded_weight)
+        if block.shape != param.shape:
+            raise ValueError(f"{GLA_BACKEND_NAME}: checkpoint block {tuple(block.shape)} does not fit the "
+                             f"parameter {tuple(param.shape)}")
+        param.data.copy_(block)
+
+    return weight_loader
+
+
+PROJECTIONS = ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj", "latent_projection")
+
+
+def attention_parameter_count(layer: nn.Module) -> int:
+    """Parameters one rank loads for one attention layer (its projections and γ, before the fold)."""
+    modules = [getattr(layer, name) for name in PROJECTIONS if getattr(layer, name) is not None]
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
 class ShardedLatentDeepseekAttention(nn.Module):
     """DeepseekV2MLAAttention's interface and checkpoint names; the latent sharded over ranks."""
 
@@ -77,29 +115,52 @@ class ShardedLatentDeepseekAttention(nn.Module):
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.v_head_dim = v_head_dim
 
-        # Checkpoint names as DeepseekV2's loader expects them; all weights whole.
-        self.q_proj = ReplicatedLinear(hidden_size, num_heads * self.qk_head_dim, bias=False,
-                                       prefix=f"{prefix}.q_proj")
+        plan = self.plan
+        self.local_heads = plan.local_heads  # H_loc: H / n_TP in grouped mode, else H
+
+        # Checkpoint names as DeepseekV2's loader expects them. Heads split (grouped): W_Q by
+        # heads, W_O by its head inputs, as vLLM's own TP; otherwise both whole on every rank.
+        if plan.heads_split:
+            self.q_proj = ColumnParallelLinear(hidden_size, num_heads * self.qk_head_dim, bias=False,
+                                               quant_config=None, prefix=f"{prefix}.q_proj")
+            self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=False,
+                                            input_is_parallel=True, reduce_results=reduce_results,
+                                            quant_config=None, prefix=f"{prefix}.o_proj")
+        else:
+            self.q_proj = ReplicatedLinear(hidden_size, num_heads * self.qk_head_dim, bias=False,
+                                           prefix=f"{prefix}.q_proj")
+            self.o_proj = ReplicatedLinear(num_heads * v_head_dim, hidden_size, bias=False,
+                                           prefix=f"{prefix}.o_proj")
         self.kv_a_proj_with_mqa = ReplicatedLinear(hidden_size, latent_dim + qk_rope_head_dim,
                                                    bias=False, prefix=f"{prefix}.kv_a_proj_with_mqa")
         self.kv_a_layernorm = RMSNorm(latent_dim, eps=config.rms_norm_eps)  # γ, folded at load
-        self.kv_b_proj = ReplicatedLinear(latent_dim, num_heads * (qk_nope_head_dim + v_head_dim),
-                                          bias=False, prefix=f"{prefix}.kv_b_proj")
-        self.o_proj = ReplicatedLinear(num_heads * v_head_dim, hidden_size, bias=False,
-                                       prefix=f"{prefix}.o_proj")
+        # This rank's block of kv_b_proj only: [H_loc (d_nope + d_v), d_c or d_loc].
+        kv_b_rows, kv_b_cols = rank_up_projection_shape(plan, nope_dim=qk_nope_head_dim, v_dim=v_head_dim)
+        self.kv_b_proj = ReplicatedLinear(kv_b_cols, kv_b_rows, bias=False, prefix=f"{prefix}.kv_b_proj")
+        self.kv_b_proj.weight.weight_loader = _load_narrowed(
+            lambda w: rank_up_projection_block(plan, w, nope_dim=qk_nope_head_dim, v_dim=v_head_dim))
+        if plan.latent_projection:  # this rank's rows of P: [d_loc, d_c]
+            self.latent_projection = ReplicatedLinear(latent_dim, plan.local_latent_dim, bias=False,
+                                                      prefix=f"{prefix}.latent_projection")
+            self.latent_projection.weight.weight_loader = _load_narrowed(
+                lambda w: rank_latent_projection_block(plan, w))
+        else:
+            self.latent_projection = None
         self.rotary_emb, self.scaling = _rope_and_scale(
             config, qk_rope_head_dim, max_position_embeddings, self.qk_head_dim ** -0.5)
 
         self.attn = ShardedLatentMLAAttention(
             plan=self.plan, latent_norm=self.kv_a_layernorm, eps=config.rms_norm_eps,
-            num_heads=num_heads, scale=self.scaling, qk_nope_head_dim=qk_nope_head_dim,
+            num_heads=self.local_heads, scale=self.scaling, qk_nope_head_dim=qk_nope_head_dim,
             qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim, kv_b_proj=self.kv_b_proj,
-            cache_config=cache_config, prefix=f"{prefix}.attn",
+            cache_config=cache_config, prefix=f"{prefix}.attn", latent_projection=self.latent_projection,
         )
+        # Evidence for tests and logs: what this rank loads for the layer (the decode trace).
+        self.attn.impl.rank_attention_params = attention_parameter_count(self)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, llama_4_scaling=None):
         tokens = hidden_states.shape[0]
-        q = self.q_proj(hidden_states)[0].view(tokens, self.num_heads, self.qk_head_dim)
+        q = self.q_proj(hidden_states)[0].view(tokens, self.local_heads, self.qk_head_dim)
         latent, k_pe = self.kv_a_proj_with_mqa(hidden_states)[0].split(
             [self.plan.latent_dim, self.qk_rope_head_dim], dim=-1)  # [T, d_c], [T, d_R]
         local = self.attn.local_latent(latent)  # [T, d_loc]
@@ -107,9 +168,9 @@ class ShardedLatentDeepseekAttention(nn.Module):
         q[..., self.qk_nope_head_dim:], k_pe = self.rotary_emb(positions, q[..., self.qk_nope_head_dim:], k_pe)
         if llama_4_scaling is not None:
             q = q * llama_4_scaling
-        out = self.attn(q, local, k_pe, output_shape=(tokens, self.num_heads * self.v_head_dim))
-        out = self.o_proj(out)[0]
-        if self.plan.tp_size > 1 and self.reduce_results:
+        out = self.attn(q, local, k_pe, output_shape=(tokens, self.local_heads * self.v_head_dim))
+        out = self.o_proj(out)[0]  # row-parallel (heads split): all-reduced there unless the caller does
+        if self.plan.tp_size > 1 and self.reduce_results and not self.plan.heads_split:
             out = tensor_model_parallel_all_reduce(out)
         return out
 
@@ -123,13 +184,17 @@ class ShardedLatentMLAAttention(MLAAttention):
     to the impl and to vLLM's absorbed decode (``process_weights_after_loading``).
     """
 
-    def __init__(self, *, plan: ShardingPlan, latent_norm: nn.Module, eps: float, **mla_args) -> None:
+    def __init__(self, *, plan: ShardingPlan, latent_norm: nn.Module, eps: float,
+                 latent_projection: nn.Module | None = None, **mla_args) -> None:
         # The plan reaches the impl through MLAAttention's extra impl arguments
         # (touch point "MLA layer"); vLLM's kv_lora_rank is the cached latent width.
         super().__init__(q_lora_rank=None, kv_lora_rank=plan.local_latent_dim, quant_config=None,
                          attn_backend=MLAPluginGLABackend, plan=plan, **mla_args)
         self.plan = plan
         self.latent_norm = latent_norm  # shared with the owner (checkpoint name kv_a_layernorm)
+        # This rank's rows of P (owner's checkpoint name latent_projection), or None. In a tuple:
+        # the owner registers it; a second registration would count its parameters twice.
+        self._latent_projection = (latent_projection,)
         self.eps = eps
         self.register_buffer("latent_basis", torch.eye(plan.latent_dim), persistent=False)  # Q
         self.rotate_latent = False
@@ -140,6 +205,10 @@ class ShardedLatentMLAAttention(MLAAttention):
         if self.rotate_latent:
             latent = latent @ self.latent_basis.to(latent.dtype)  # rows: c' = c @ Q
         normed = latent_rmsnorm(latent, self.plan.shards, self.plan.rmsnorm, self.eps)  # [T, d_c]
+        projection = self._latent_projection[0]
+        if projection is not None:  # z^loc = P_loc ĉ, rows: ĉ @ P_locᵀ (the norm is global)
+            # Through the module, in the model's dtype: vLLM's CPU linear may repack its weight.
+            return projection(normed.to(latent.dtype))[0]  # [T, d_loc]
         return normed[:, self.plan.local_columns].contiguous()  # [T, d_loc]
 
     @torch.no_grad()
@@ -149,6 +218,9 @@ class ShardedLatentMLAAttention(MLAAttention):
         if self.weights_folded:
             return
         self.weights_folded = True
+        if self.plan.latent_projection and not bool((self.latent_norm.weight == 1).all()):
+            raise ValueError(f"{GLA_BACKEND_NAME}: a latent_projection checkpoint has γ folded into kv_b_proj "
+                             "and kv_a_layernorm.weight all ones; this one's is not (convert it again)")
         folded = fold_rank_up_projection(
             self.plan, self.kv_b_proj.weight.detach(), self.latent_norm.weight.detach(),
             nope_dim=self.qk_nope_head_dim, v_dim=self.v_head_dim)

@@ -1,7 +1,10 @@
 """The MLA_PLUGIN_GLA backend: attention over this rank's slices of a sharded latent.
 
 Each rank caches ``[ĉ_local | k^R]`` (d_loc + d_R values per token, d_loc = d_c · g_loc / g)
-and computes every head over its slices. Prefill and decode both run the absorbed form
+and computes its heads over its slices: all H heads in the exact and partitioned modes; in
+the grouped mode only the H_loc = H / n_TP heads of its own groups (the heads are split with
+the latent, so the rank is a whole grouped model of g_loc groups and needs no communication
+in attention). Prefill and decode both run the absorbed form
 over the paged cache (``mla_plugin.ops.sharded_latent``), because exact and grouped
 softmax couple the slices in ways the expanded per-rank prefill cannot express.
 Layers of this backend are built by ``mla_plugin.vllm.gla_attention``, which hands the
@@ -22,6 +25,7 @@ from mla_plugin import GLA_BACKEND_NAME
 from mla_plugin.gla_options import ShardingPlan
 from mla_plugin.ops import LatentSlices, paged_latent_attention
 from mla_plugin.ops.kernel_choice import kernel_for
+from mla_plugin.ops.latent_cache import FP8_CACHE_DTYPE
 from mla_plugin.vllm.compat import AttentionLayer
 from mla_plugin.vllm.mla_backend import (
     MLAPluginBackend,
@@ -79,25 +83,37 @@ class ShardedLatentImpl(MLAPluginImpl):
                              f"the plan's local_latent_dim {plan.local_latent_dim}")
         self.plan = plan
         self.local_latent_dim = plan.local_latent_dim  # d_loc: latent values per cache row on this rank
+        if self.num_heads != plan.local_heads:
+            raise ValueError(f"{GLA_BACKEND_NAME}: the layer has {self.num_heads} heads; the plan gives this "
+                             f"rank {plan.local_heads}")
         # The slices this rank holds, for the ops seam (λ is folded into W_UK, so no logit_scale).
-        self.slices = LatentSlices(num_shards=plan.shards, shard_offset=plan.shard_offset,
-                                   shards_local=plan.shards_local, softmax=plan.softmax)
+        # Heads split: this rank's heads and its g_loc slices are a grouped model of their own
+        # (local head i is in local group i // (H / g), which reads local slice i // (H / g)).
+        if plan.heads_split:
+            self.slices = LatentSlices(num_shards=plan.shards_local, shard_offset=0,
+                                       shards_local=plan.shards_local, softmax="grouped")
+        else:
+            self.slices = LatentSlices(num_shards=plan.shards, shard_offset=plan.shard_offset,
+                                       shards_local=plan.shards_local, softmax=plan.softmax)
+        self.rank_attention_params: int | None = None  # set by the layer: what this rank loaded
         self._up_proj: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _all_reduce(self):
-        if self.plan.tp_size == 1:
+        if self.slices.holds_all:  # one rank, or split heads: no slice of another rank is needed
             return None
         from mla_plugin.vllm.compat import tensor_model_parallel_all_reduce
 
         return tensor_model_parallel_all_reduce
 
     def _attend(self, q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, *,
-                max_query_len: int, max_seq_len: int):
-        """The ops seam over this rank's slices; the bounds are host ints from the metadata."""
+                max_query_len: int, max_seq_len: int, k_scale: torch.Tensor):
+        """The ops seam over this rank's slices; the bounds are host ints from the metadata.
+        An fp8 cache holds values / k_scale (σ); prefill reads it too (absorbed over the cache)."""
         return paged_latent_attention(
             q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, self.scale,
             slices=self.slices, all_reduce=self._all_reduce(),
             max_query_len=max_query_len, max_seq_len=max_seq_len,
+            cache_scale=k_scale if cache.dtype == FP8_CACHE_DTYPE else None,
         )
 
     def use_up_projection(self, w_uk: torch.Tensor, w_uv: torch.Tensor) -> None:
@@ -127,12 +143,14 @@ class ShardedLatentImpl(MLAPluginImpl):
                          lambda: f"d_loc={self.kv_lora_rank} d_R={self.qk_rope_head_dim} "
                          f"shards={self.plan.shard_offset}+{self.plan.shards_local}/"
                          f"{self.plan.shards} softmax={self.plan.softmax} "
+                         f"heads={self.plan.head_offset}+{self.num_heads}/{self.plan.num_heads} "
+                         f"attn_params={self.rank_attention_params} "
                          f"kernel={kernel_for(q_latent.device, q_latent.dtype)}")
         batch = attn_metadata.num_decodes
         # Decodes come first, one query each (MLACommonMetadataBuilder: SINGLE_ONLY).
         out = self._attend(q_latent, q_rope, kv_c_and_k_pe_cache, attn_metadata.query_start_loc[: batch + 1],
                            attn_metadata.seq_lens_all[:batch], attn_metadata.block_table_all[:batch],
-                           max_query_len=1, max_seq_len=attn_metadata.max_seq_len)
+                           max_query_len=1, max_seq_len=attn_metadata.max_seq_len, k_scale=layer._k_scale)
         return out, None
 
     def forward_mha(self, q, kv_c_normed, k_pe, kv_c_and_k_pe_cache,
@@ -150,6 +168,6 @@ class ShardedLatentImpl(MLAPluginImpl):
                                   attn_metadata.seq_lens_all[first:last],
                                   attn_metadata.block_table_all[first:last],
                                   max_query_len=attn_metadata.max_query_len,
-                                  max_seq_len=attn_metadata.max_seq_len)  # [T, H, d_loc]
+                                  max_seq_len=attn_metadata.max_seq_len, k_scale=k_scale)  # [T, H, d_loc]
         out = torch.einsum("thc,hvc->thv", latent_out, w_uv)  # [T, H, d_v]
         output.view(tokens, self.num_heads, self.v_head_dim).copy_(out)

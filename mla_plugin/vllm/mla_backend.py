@@ -18,6 +18,7 @@ import torch
 
 from mla_plugin import MLA_BACKEND_NAME
 from mla_plugin.ops import paged_latent_attention, write_latent_cache
+from mla_plugin.ops.latent_cache import FP8_CACHE_DTYPE
 from mla_plugin.ops.kernel_choice import kernel_for
 from mla_plugin.vllm.compat import (
     AttentionCGSupport,
@@ -32,8 +33,13 @@ from mla_plugin.vllm.compat import (
 
 logger = logging.getLogger("vllm.mla_plugin")
 
-# Cache dtypes the plain-torch path stores without quantisation.
-SUPPORTED_KV_CACHE_DTYPES = ["auto", "float16", "bfloat16"]
+# Cache dtypes stored without quantisation, and vLLM's names of the fp8 (e4m3) latent cache:
+# one byte per value, value / k_scale (ops/latent_cache.py). vLLM views every quantised MLA
+# cache as current_platform.fp8_dtype() (e4m3), so e5m2 and the other fp8 formats are not
+# MLA latent caches.
+UNQUANTISED_KV_CACHE_DTYPES = ["auto", "float16", "bfloat16"]
+FP8_KV_CACHE_DTYPES = ["fp8", "fp8_e4m3"]
+SUPPORTED_KV_CACHE_DTYPES = UNQUANTISED_KV_CACHE_DTYPES + FP8_KV_CACHE_DTYPES
 # Environment variable naming a file that each process running our decode appends
 # one line to (proof, across processes, that this backend and not CPU_MLA ran).
 TRACE_ENV = "MLA_PLUGIN_TRACE_FILE"
@@ -42,6 +48,7 @@ TRACE_ENV = "MLA_PLUGIN_TRACE_FILE"
 # in-process evidence for tests.
 DECODE_CALLS: dict[str, int] = {}
 LAST_CACHE_SHAPE: dict[str, tuple[int, ...]] = {}
+LAST_CACHE_DTYPE: dict[str, torch.dtype] = {}
 
 
 def note_decode_call(backend_name: str, cache: torch.Tensor, describe: Callable[[], str]) -> None:
@@ -52,6 +59,7 @@ def note_decode_call(backend_name: str, cache: torch.Tensor, describe: Callable[
     first = backend_name not in DECODE_CALLS
     DECODE_CALLS[backend_name] = DECODE_CALLS.get(backend_name, 0) + 1
     LAST_CACHE_SHAPE[backend_name] = tuple(cache.shape)
+    LAST_CACHE_DTYPE[backend_name] = cache.dtype
     if not first:
         return
     detail = f"{describe()} cache={list(cache.shape)}"
@@ -63,11 +71,12 @@ def note_decode_call(backend_name: str, cache: torch.Tensor, describe: Callable[
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str, backend_name: str = MLA_BACKEND_NAME) -> None:
+    flag = f"--attention-backend {backend_name.lower()}"
     if kv_cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
         raise ValueError(
-            f"--attention-backend {backend_name.lower()} does not support "
-            f"kv_cache_dtype={kv_cache_dtype!r}; use one of {SUPPORTED_KV_CACHE_DTYPES} "
-            "(quantised latent caches are not implemented)."
+            f"{flag} does not support --kv-cache-dtype {kv_cache_dtype}: vLLM's MLA latent cache is "
+            f"unquantised or fp8 e4m3 with a per-layer scale; use one of {SUPPORTED_KV_CACHE_DTYPES} "
+            "('fp8' means e4m3)."
         )
 
 
@@ -196,8 +205,14 @@ class MLAPluginImpl(MLACommonImpl[MLAPluginMetadata]):
 
     def do_kv_cache_update(
         self, kv_c_normed, k_pe, kv_cache, slot_mapping, kv_cache_dtype, k_scale, skip_scale=False
-    ) -> None:  # skip_scale: vLLM 0.33 passes it; meaningless for unquantised caches
-        write_latent_cache(kv_c_normed, k_pe, kv_cache, slot_mapping)
+    ) -> None:  # skip_scale: vLLM 0.33 passes it: the scale is 1 (write value / 1)
+        if kv_cache.numel() == 0:  # profiling run
+            return
+        if kv_cache_dtype in FP8_KV_CACHE_DTYPES:  # vLLM allocates the bytes as uint8
+            scale = None if skip_scale else k_scale
+            write_latent_cache(kv_c_normed, k_pe, kv_cache.view(FP8_CACHE_DTYPE), slot_mapping, scale=scale)
+        else:
+            write_latent_cache(kv_c_normed, k_pe, kv_cache, slot_mapping)
 
     def forward_mqa(
         self,
@@ -226,4 +241,5 @@ class MLAPluginImpl(MLACommonImpl[MLAPluginMetadata]):
             q_latent, q_rope, kv_c_and_k_pe_cache, attn_metadata.query_start_loc[: batch + 1],
             decode.seq_lens, decode.block_table, self.scale,
             max_query_len=1, max_seq_len=attn_metadata.max_seq_len, return_lse=True,
+            cache_scale=layer._k_scale if kv_c_and_k_pe_cache.dtype == FP8_CACHE_DTYPE else None,
         )

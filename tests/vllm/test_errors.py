@@ -10,9 +10,9 @@ def test_model_without_mla(tiny_llama):
         run_engine(tiny_llama, backend="mla_plugin", max_tokens=1)
 
 
-def test_quantised_kv_cache(tiny_ds_576):
-    with pytest.raises(ValueError, match="does not support kv_cache_dtype='fp8'"):
-        run_engine(tiny_ds_576, backend="mla_plugin", kv_cache_dtype="fp8", max_tokens=1)
+def test_kv_cache_dtype_that_is_not_a_latent_cache(tiny_ds_576):
+    with pytest.raises(ValueError, match="does not support --kv-cache-dtype fp8_e5m2"):
+        run_engine(tiny_ds_576, backend="mla_plugin", kv_cache_dtype="fp8_e5m2", max_tokens=1)
 
 
 def test_unknown_backend_name_lists_ours(tiny_ds_576):

@@ -21,8 +21,12 @@ def test_lite_script_on_the_fixture(tmp_path):
         capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = {r["setting"]: r["ppl"] for r in json.loads(out.read_text())}
-    assert len(rows) == 6 and all(1 < p < 4096 for p in rows.values()), rows
+    assert len(rows) == 8 and all(1 < p < 4096 for p in rows.values()), rows
     mla = rows["MLA"]
+    # this fixture's heads use H (d_nope + d_v) = d_c latent directions: each group's own
+    # subspace of d_c / g is exact, so group-pca (converted from bf16 weights) is MLA
+    for calibrate in ("none", "logit+output"):
+        assert abs(rows[f"grouped, group-pca, calibrate {calibrate}"] / mla - 1) < 1e-3, rows
     assert rows["naive GLA load (grouped, local norm)"] > mla * 1.03, rows
     assert rows["partitioned, hadamard, calibrated logit"] < rows["naive GLA load (grouped, local norm)"], rows
     assert "| MLA |" in proc.stdout

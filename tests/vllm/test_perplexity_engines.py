@@ -1,6 +1,7 @@
 """Perplexity through vLLM on the trained fixtures (fp32), scored both ways.
 
-- prefill-scored vLLM equals transformers (mla_plugin, CPU_MLA, vLLM's default for Llama);
+- prefill-scored vLLM equals transformers (mla_plugin, CPU_MLA, vLLM's default for Llama; the
+  ratio-8 DeepSeek fixture, 128 + 32, through mla_plugin);
 - decode-scored equals prefill-scored within 1e-5 relative through mla_plugin (the
   DeepSeek fixture, and a gqa-to-mla conversion of the Llama fixture: our backends serve
   MLA only), through mla_plugin_gla exact (TP=1 and TP=2) and partitioned (TP=1 and TP=2);
@@ -37,6 +38,7 @@ ENGINES_AGREE = 1e-4  # vLLM vs transformers, relative, fp32
 BREAK_FACTOR = 1.5  # the broken decode's softmax scale, relative to the right one
 DEEPSEEK = str(trained_fixture("deepseek-v2-tiny"))
 LLAMA = str(trained_fixture("llama-gqa-tiny"))
+RATIO8 = str(trained_fixture("deepseek-v2-tiny-ratio8"))  # d_c 128 + 32, 8 heads of 64 + 64
 PARTITIONED = gla("partitioned", "local", "hadamard")
 
 
@@ -61,7 +63,8 @@ def text():
 def reference(text):
     """transformers, the reference: DeepSeek both ways, Llama prefill-scored."""
     out = {}
-    for name, model, modes in (("deepseek", DEEPSEEK, ("prefill", "decode")), ("llama", LLAMA, ("prefill",))):
+    for name, model, modes in (("deepseek", DEEPSEEK, ("prefill", "decode")), ("llama", LLAMA, ("prefill",)),
+                               ("ratio8", RATIO8, ("prefill",))):
         with PerplexityScorer(model, engine="transformers", window=WINDOW, dtype="float32",
                               show_progress=False) as scorer:
             out[name] = {score: scorer.perplexity(text, max_windows=WINDOWS, score=score).ppl for score in modes}
@@ -101,9 +104,11 @@ CONFIGS = {
     "deepseek-CPU_MLA": (DEEPSEEK, "CPU_MLA", None, False),
     "llama-default": (LLAMA, None, None, False),
     "llama-as-mla-mla_plugin": ("llama_as_mla", "mla_plugin", None, False),
+    "ratio8-mla_plugin": (RATIO8, "mla_plugin", None, False),
 }
 OURS = {"deepseek-mla_plugin": MLA_BACKEND_NAME, "deepseek-gla-exact": GLA_BACKEND_NAME,
-        "deepseek-gla-partitioned": GLA_BACKEND_NAME, "llama-as-mla-mla_plugin": MLA_BACKEND_NAME}
+        "deepseek-gla-partitioned": GLA_BACKEND_NAME, "llama-as-mla-mla_plugin": MLA_BACKEND_NAME,
+        "ratio8-mla_plugin": MLA_BACKEND_NAME}
 
 
 @pytest.fixture(scope="module")
@@ -154,10 +159,10 @@ def test_other_backends_run_none_of_ours(runs, name):
     assert "DECODE_CALLS" not in run["decode"]["rows"] and run["prefill"]["rows"] == {}
 
 
-@pytest.mark.parametrize("name", ["deepseek-mla_plugin", "deepseek-CPU_MLA", "llama-default"])
+@pytest.mark.parametrize("name", ["deepseek-mla_plugin", "deepseek-CPU_MLA", "llama-default", "ratio8-mla_plugin"])
 def test_vllm_equals_transformers(runs, reference, name):
     _, run = runs(name)
-    expected = reference["llama" if name.startswith("llama") else "deepseek"]["prefill"]
+    expected = reference[name.split("-")[0]]["prefill"]
     assert _rel(_ppl(run, "prefill"), expected) < ENGINES_AGREE, (_ppl(run, "prefill"), expected)
 
 

@@ -1,0 +1,207 @@
+"""Every SGLang internal the plugin relies on, in one list, each with a check.
+
+``verify()`` runs at plugin registration (in every SGLang process that loads plugins)
+and raises one :class:`SGLangTouchPointError` naming the SGLang version and everything
+that moved, instead of an AttributeError deep inside a forward pass. Internals are named
+``"module.path:Attribute.sub"``; ``compat.py`` is the only module with ``from sglang ...
+import`` statements and a test checks that each of its names is listed here. The README
+table "How the plugin reaches into SGLang" is ``readme_table()``; a test keeps them equal.
+"""
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+
+SUPPORTED_SGLANG = ("0.5.23",)
+
+Check = Callable[[object], list[str]]
+
+
+class SGLangTouchPointError(RuntimeError):
+    """SGLang no longer has an internal the plugin relies on, or it changed shape."""
+
+
+@dataclass(frozen=True)
+class TouchPoint:
+    name: str  # short id, also the README row
+    internal: str  # "module.path:Attribute.sub" in SGLang
+    use: str  # what the plugin does with it
+    check: Check  # problems with the resolved object ([] when it is as expected)
+
+
+def exists() -> Check:
+    return lambda obj: []
+
+
+def has(*attributes: str) -> Check:
+    def check(obj) -> list[str]:
+        missing = [a for a in attributes if not hasattr(obj, a)]
+        return [f"has no attribute(s) {missing}"] if missing else []
+
+    return check
+
+
+def takes(*names: str) -> Check:
+    """A callable (or a class's __init__) with parameters of these names."""
+
+    def check(obj) -> list[str]:
+        target = obj.__init__ if inspect.isclass(obj) else obj
+        have = set(inspect.signature(target).parameters)
+        missing = [n for n in names if n not in have]
+        return [f"takes no parameter(s) {missing}; has {sorted(have)}"] if missing else []
+
+    return check
+
+
+def source_mentions(*snippets: str) -> Check:
+    """The object's source still contains these snippets (attributes SGLang sets internally)."""
+
+    def check(obj) -> list[str]:
+        try:
+            source = inspect.getsource(obj)
+        except (OSError, TypeError):
+            return ["has no readable source to check"]
+        missing = [s for s in snippets if s not in source]
+        return [f"no longer mentions {missing}"] if missing else []
+
+    return check
+
+
+def is_a(kind: type) -> Check:
+    return lambda obj: [] if isinstance(obj, kind) else [f"is a {type(obj).__name__}, not a {kind.__name__}"]
+
+
+def all_of(*checks: Check) -> Check:
+    return lambda obj: [problem for check in checks for problem in check(obj)]
+
+
+_REGISTRY = "sglang.srt.layers.attention.attention_registry"
+_DEEPSEEK = "sglang.srt.models.deepseek_common"
+_POOL = "sglang.srt.mem_cache.memory_pool"
+
+TOUCH_POINTS: tuple[TouchPoint, ...] = (
+    TouchPoint("backend registry", f"{_REGISTRY}:register_attention_backend",
+               "registers the `mla_plugin` factory (runner -> backend)", takes("name")),
+    TouchPoint("backend table", f"{_REGISTRY}:ATTENTION_BACKENDS",
+               "checked for our name (registration is idempotent)", is_a(dict)),
+    TouchPoint("CLI choices", "sglang.srt.arg_groups.choices:ATTENTION_BACKEND_CHOICES",
+               "`mla_plugin` added as an --attention-backend choice", is_a(list)),
+    TouchPoint("DeepSeek handler", f"{_DEEPSEEK}.attention_backend_handler:AttentionBackendRegistry",
+               "registers our handler: DeepSeek attention takes the absorbed MLA path",
+               has("register", "get_handler")),
+    TouchPoint("MLA forward method", f"{_DEEPSEEK}.attention_forward_methods.forward_methods:AttnForwardMethod",
+               "our handler returns AttnForwardMethod.MLA", has("MLA")),
+    TouchPoint("absorbed call", f"{_DEEPSEEK}.attention_forward_methods.forward_mla:DeepseekMLAForwardMixin",
+               "the absorbed path hands the backend q = [q̃ | q^R], k = [ĉ | k^R], v = ĉ",
+               source_mentions("torch.cat([q_nope_out, q_pe], dim=-1)", "torch.cat([k_nope, k_pe], dim=-1)")),
+    TouchPoint("backend interface", "sglang.srt.layers.attention.base_attn_backend:AttentionBackend",
+               "our backend's base: init_forward_metadata, forward_extend, forward_decode",
+               has("init_forward_metadata", "forward_extend", "forward_decode", "init_cuda_graph_state")),
+    TouchPoint("MLA pool", f"{_POOL}:MLATokenToKVPool",
+               "one `[size + page, 1, d_c + d_R]` buffer per layer: written by set_kv_buffer, read as pages",
+               all_of(has("set_kv_buffer", "get_key_buffer"), source_mentions("(self.size + self.page_size, 1, self.kv_cache_dim)"))),
+    TouchPoint("pool write location", f"{_POOL}:KVWriteLoc.for_batch",
+               "the batch's out_cache_loc for set_kv_buffer", takes("forward_batch")),
+    TouchPoint("forward batch", "sglang.srt.model_executor.forward_batch_info:ForwardBatch",
+               "req_pool_indices, seq_lens(_cpu), extend_seq_lens(_cpu), out_cache_loc, forward_mode",
+               source_mentions("req_pool_indices:", "seq_lens_cpu:", "extend_seq_lens_cpu:", "out_cache_loc:")),
+    TouchPoint("model runner", "sglang.srt.model_executor.model_runner:ModelRunner",
+               "req_to_token_pool, token_to_kv_pool, page_size, use_mla_backend, model_config",
+               source_mentions("self.req_to_token_pool", "self.token_to_kv_pool", "self.page_size", "self.use_mla_backend")),
+    TouchPoint("hooks", "sglang.srt.plugins.hook_registry:HookRegistry",
+               "wraps or replaces the functions and the class below (applied by load_plugins)",
+               has("register", "apply_hooks")),
+    TouchPoint("hook types", "sglang.srt.plugins.hook_registry:HookType",
+               "AROUND (CPU rope, model shapes), AFTER (request check, pool width), BEFORE (declared backend), "
+               "REPLACE (DeepSeek attention class)", has("AROUND", "AFTER", "BEFORE", "REPLACE")),
+    TouchPoint("request check", "sglang.srt.server_args:ServerArgs.check_server_args",
+               "after it, in the launcher: a non-MLA model with `mla_plugin` is one error", exists()),
+    TouchPoint("CPU rope", "sglang.srt.layers.rotary_embedding.factory:get_rope_cpu",
+               "on CPU: plain rope given as DeepSeek-YaRN with factor 1 (the only kind it takes)",
+               all_of(takes("rope_scaling"), source_mentions('"deepseek_yarn"'))),
+    TouchPoint("CPU op: KV copy", "sglang.kernels.ops.kvcache.cache_move:copy_all_layer_kv_cache_func",
+               "on CPU imports `copy_all_layer_kv_cache_cpu` from sgl_kernel: cpu_support supplies it",
+               source_mentions("copy_all_layer_kv_cache_cpu(")),
+    TouchPoint("CPU op: req_to_token", "sglang.srt.mem_cache.allocation:assign_req_to_token_pool_func",
+               "on CPU imports `assign_req_to_token_pool_cpu` from sgl_kernel: cpu_support supplies it",
+               source_mentions("assign_req_to_token_pool_cpu(")),
+    # mla_plugin_gla, the sharded latent (gla_*.py; SGLang names imported through gla_compat.py)
+    TouchPoint("DeepSeek attention class", "sglang.srt.models.deepseek_v2:DeepseekV2AttentionMLA",
+               "mla_plugin_gla: replaced (HookRegistry REPLACE) by a subclass that builds the sharded-latent module",
+               takes("config", "hidden_size", "num_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                     "q_lora_rank", "kv_lora_rank", "rope_theta", "rope_scaling", "max_position_embeddings",
+                     "reduce_results", "layer_id", "prefix")),
+    TouchPoint("KV cache configurator", "sglang.srt.mem_cache.kv_cache_configurator:KVCacheConfigurator",
+               "mla_plugin_gla: after its __post_init__, its copy of the model config has kv_lora_rank = d_loc",
+               all_of(has("__post_init__", "model", "model_config"),
+                      source_mentions("kv_lora_rank=self.model_config.kv_lora_rank"))),
+    TouchPoint("model shapes", "sglang.srt.configs.model_config:ModelConfig._derive_model_shapes",
+               "converted checkpoints: MLAPluginDeepseekV2ForCausalLM derives DeepSeek-V2's shapes", exists()),
+    TouchPoint("model registry", "sglang.srt.models.registry:ModelRegistry",
+               "registers MLAPluginDeepseekV2ForCausalLM (a DeepSeek-V2 model)", has("models", "resolve_model_cls")),
+    TouchPoint("declared backend", "sglang.srt.server_args:ServerArgs.resolve_once",
+               "before it, in the launcher: a declared sharded latent gets (or insists on) mla_plugin_gla", exists()),
+    TouchPoint("TP rank", "sglang.srt.distributed.parallel_state:get_tensor_model_parallel_rank",
+               "mla_plugin_gla: which latent slices this rank holds", exists()),
+    TouchPoint("column-parallel linear", "sglang.srt.layers.linear:ColumnParallelLinear",
+               "mla_plugin_gla, grouped softmax at TP > 1: q_proj split by heads with the latent",
+               takes("input_size", "output_size", "bias", "prefix")),
+    TouchPoint("row-parallel linear", "sglang.srt.layers.linear:RowParallelLinear",
+               "mla_plugin_gla, grouped softmax at TP > 1: o_proj over the rank's heads (reduce_results=False: "
+               "the decoder layer's communicator all-reduces)",
+               takes("input_size", "output_size", "bias", "input_is_parallel", "reduce_results", "prefix")),
+    TouchPoint("TP all-reduce", "sglang.srt.distributed:tensor_model_parallel_all_reduce",
+               "mla_plugin_gla, exact softmax: the partial logits summed over the ranks", exists()),
+    TouchPoint("DeepSeek rope", "sglang.srt.layers.rotary_embedding.factory:get_rope",
+               "mla_plugin_gla: the rope of SGLang's DeepSeek module, through its forward_native",
+               takes("rope_scaling", "is_neox_style")),
+    TouchPoint("configured backend", "sglang.srt.runtime_context:attention_backends",
+               "mla_plugin_gla: is it this process's (prefill, decode) backend", exists()),
+)
+
+
+def sglang_version() -> str:
+    return metadata.version("sglang")
+
+
+def resolve(internal: str):
+    """The object named ``"module.path:Attribute.sub"`` (ImportError / AttributeError if gone)."""
+    module_name, _, qualname = internal.partition(":")
+    obj = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def problems(point: TouchPoint) -> list[str]:
+    """What is wrong with one touch point in the installed SGLang ([] when nothing)."""
+    try:
+        obj = resolve(point.internal)
+    except (ImportError, AttributeError) as exc:
+        return [f"missing ({type(exc).__name__}: {exc})"]
+    try:
+        return point.check(obj)
+    except (TypeError, ValueError) as exc:
+        return [f"cannot be checked ({type(exc).__name__}: {exc})"]
+
+
+def verify() -> None:
+    """Check every touch point; one error naming the SGLang version and what moved."""
+    moved = [f"  - {p.name} ({p.internal}, {p.use}): {'; '.join(found)}"
+             for p in TOUCH_POINTS for found in [problems(p)] if found]
+    if moved:
+        raise SGLangTouchPointError(
+            f"mla_plugin cannot run on SGLang {sglang_version()}: {len(moved)} SGLang internal(s) it relies "
+            "on moved or changed:\n" + "\n".join(moved) + "\n"
+            f"mla_plugin is tested with SGLang {' and '.join(SUPPORTED_SGLANG)}: install it "
+            f"(pip install --no-deps sglang=={SUPPORTED_SGLANG[-1]}), or set SGLANG_PLUGINS to leave mla_plugin out."
+        )
+
+
+def readme_table() -> str:
+    """The Markdown table in README.md's "How the plugin reaches into SGLang"."""
+    rows = ["| touch point | SGLang internal | what the plugin does |", "|---|---|---|"]
+    rows += [f"| {p.name} | `{p.internal}` | {p.use} |" for p in TOUCH_POINTS]
+    return "\n".join(rows)
