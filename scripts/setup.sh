@@ -13,6 +13,16 @@ PYVER=$("$PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 KEY=$( (cat "$ROOT/requirements-cpu.txt"; echo "$PYVER"; echo shim-v1) | sha256sum | cut -c1-12)
 VENV=${MLA_PLUGIN_VENV:-$HOME/.cache/mla_plugin/venv-$KEY}
 
+# The plugin, editable, into a venv; pip's output only when it fails (setuptools' notes are noise).
+editable_install() {
+  local log
+  log=$(mktemp)
+  if ! "$1/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; echo "mla_plugin setup: installing the plugin into $1 failed" >&2; exit 1
+  fi
+  rm -f "$log"
+}
+
 if [ ! -f "$VENV/.mla_plugin_complete" ]; then
   echo "mla_plugin setup: building $VENV (first time: about 3 minutes, 3.4 GB)"
   rm -rf "$VENV"
@@ -32,7 +42,7 @@ if [ ! -f "$VENV/.mla_plugin_complete" ]; then
   touch "$VENV/.mla_plugin_complete"
 fi
 
-"$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" 2>&1 | grep -v -e '^\s*!!' -e 'WheelFile' -e '\*\*\*\*' || true
+editable_install "$VENV"
 "$VENV/bin/python" -c 'import mla_plugin, vllm' 2>/dev/null || { echo "mla_plugin setup: import check failed in $VENV" >&2; exit 1; }
 ln -sfn "$VENV" "$ROOT/.venv"
 echo "mla_plugin setup: ready (.venv -> $VENV)"
@@ -53,10 +63,10 @@ if [ ! -f "$SVENV/.mla_plugin_complete" ]; then
   "$SVENV/bin/python" -m pip install -q --no-deps $(grep -E '^[^#].*# no-deps' "$ROOT/requirements-sglang.txt" | cut -d' ' -f1)
   touch "$SVENV/.mla_plugin_complete"
 fi
-"$SVENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT" 2>&1 | grep -v -e '^\s*!!' -e 'WheelFile' -e '\*\*\*\*' || true
+editable_install "$SVENV"
 # SGLang on CPU (SGLANG_USE_CPU_ENGINE=1) imports sgl_kernel CPU ops and torchvision, which PyPI lacks; this .pth
 # line serves mla_plugin's stand-ins in every process of the venv (mla_plugin/sglang/cpu_support.py).
-"$SVENV/bin/python" -m mla_plugin.sglang.cpu_support --install-pth >/dev/null
+"$SVENV/bin/python" -c 'import sysconfig; from mla_plugin.sglang.cpu_support import install_pth; install_pth(sysconfig.get_paths()["purelib"])'
 "$SVENV/bin/python" -c 'import mla_plugin.sglang, sglang' 2>/dev/null || { echo "mla_plugin setup: import check failed in $SVENV" >&2; exit 1; }
 ln -sfn "$SVENV" "$ROOT/.venv-sglang"
 echo "mla_plugin setup: ready (.venv-sglang -> $SVENV)"

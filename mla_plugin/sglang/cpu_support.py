@@ -22,7 +22,7 @@ SGLang runs on CPU when ``SGLANG_USE_CPU_ENGINE=1`` (its own switch, ``is_cpu()`
 
 SGLang's scheduler processes are spawned, and they import these modules before any plugin
 runs, so the stand-ins are installed at interpreter start by a ``.pth`` line
-(``python -m mla_plugin.sglang.cpu_support --install-pth``, run by scripts/setup.sh for
+(``install_pth``, or ``python -m mla_plugin.sglang.cpu_support --install-pth``; scripts/setup.sh for
 ``.venv-sglang``) that calls ``boot()``: it reads one environment variable and, only when
 SGLang's CPU switch is on, adds the import finder. Nothing here imports torch or SGLang
 until SGLang itself imports ``sgl_kernel``.
