@@ -89,3 +89,18 @@ def rank_latent_projection_block(plan: ShardingPlan, projection: torch.Tensor) -
                          f"[d_c, d_c] = [{plan.latent_dim}, {plan.latent_dim}]")
     cols = plan.local_columns
     return projection.narrow(0, cols.start, cols.stop - cols.start)  # [d_loc, d_c]
+
+
+def narrowed_weight_loader(block_of, owner: str):
+    """A weight loader (vLLM's and SGLang's ``param.weight_loader(param, loaded)`` convention)
+    that copies ``block_of(checkpoint tensor)``, this rank's block (a view), into the parameter:
+    the whole tensor is never copied into the rank. ``owner`` names the backend in the error."""
+
+    def weight_loader(param: torch.nn.Parameter, loaded_weight: torch.Tensor) -> None:
+        block = block_of(loaded_weight)
+        if block.shape != param.shape:
+            raise ValueError(f"{owner}: checkpoint block {tuple(block.shape)} does not fit the "
+                             f"parameter {tuple(param.shape)}")
+        param.data.copy_(block)
+
+    return weight_loader

@@ -33,6 +33,7 @@ from mla_plugin.gla_options import ShardingPlan, plan_for
 from mla_plugin.ops import latent_rmsnorm
 from mla_plugin.sharded_weights import (
     fold_rank_up_projection,
+    narrowed_weight_loader,
     rank_latent_projection_block,
     rank_up_projection_block,
     rank_up_projection_shape,
@@ -41,18 +42,6 @@ from mla_plugin.sglang import gla_compat as sg
 
 GLA_BACKEND = "mla_plugin_gla"  # the SGLang --attention-backend name
 
-
-def _load_narrowed(block_of):
-    """A weight loader that copies this rank's block (a view) of the checkpoint tensor."""
-
-    def weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        block = block_of(loaded_weight)
-        if block.shape != param.shape:
-            raise ValueError(f"{GLA_BACKEND}: checkpoint block {tuple(block.shape)} does not fit the "
-                             f"parameter {tuple(param.shape)}")
-        param.data.copy_(block)
-
-    return weight_loader
 
 
 class ShardedLatentDeepseekAttention(nn.Module):
@@ -101,13 +90,14 @@ class ShardedLatentDeepseekAttention(nn.Module):
         # This rank's block of kv_b_proj only: [H_loc (d_nope + d_v), d_c or d_loc].
         kv_b_rows, kv_b_cols = rank_up_projection_shape(plan, nope_dim=qk_nope_head_dim, v_dim=v_head_dim)
         self.kv_b_proj = sg.ReplicatedLinear(kv_b_cols, kv_b_rows, bias=False, prefix=f"{prefix}.kv_b_proj")
-        self.kv_b_proj.weight.weight_loader = _load_narrowed(
-            lambda w: rank_up_projection_block(plan, w, nope_dim=qk_nope_head_dim, v_dim=v_head_dim))
+        self.kv_b_proj.weight.weight_loader = narrowed_weight_loader(
+            lambda w: rank_up_projection_block(plan, w, nope_dim=qk_nope_head_dim, v_dim=v_head_dim),
+            GLA_BACKEND)
         if plan.latent_projection:  # this rank's rows of P: [d_loc, d_c]
             self.latent_projection = sg.ReplicatedLinear(latent_dim, local_dim, bias=False,
                                                          prefix=f"{prefix}.latent_projection")
-            self.latent_projection.weight.weight_loader = _load_narrowed(
-                lambda w: rank_latent_projection_block(plan, w))
+            self.latent_projection.weight.weight_loader = narrowed_weight_loader(
+                lambda w: rank_latent_projection_block(plan, w), GLA_BACKEND)
         else:
             self.latent_projection = None
         # SGLang's DeepSeek rope, the same construction as its MLA module; its plain-torch forward.

@@ -70,22 +70,11 @@ def register() -> None:
     if _registered:
         return
     from mla_plugin.sglang import gla_compat as sg
-    from mla_plugin.sglang.compat import (
-        ATTENTION_BACKEND_CHOICES,
-        ATTENTION_BACKENDS,
-        AttentionBackendRegistry,
-        HookRegistry,
-        HookType,
-        register_attention_backend,
-    )
+    from mla_plugin.sglang.compat import HookRegistry, HookType
     from mla_plugin.sglang.gla_pool import size_pool_per_rank
-    from mla_plugin.sglang.registration import absorbed_mla_handler
+    from mla_plugin.sglang.registration import register_backend_name
 
-    if GLA_BACKEND not in ATTENTION_BACKENDS:
-        register_attention_backend(GLA_BACKEND)(create_backend)
-    if GLA_BACKEND not in ATTENTION_BACKEND_CHOICES:
-        ATTENTION_BACKEND_CHOICES.append(GLA_BACKEND)
-    AttentionBackendRegistry.register(GLA_BACKEND, absorbed_mla_handler)
+    register_backend_name(GLA_BACKEND, create_backend)
 
     import importlib
 

@@ -56,6 +56,23 @@ def absorbed_mla_handler(attn, forward_batch):
     return AttnForwardMethod.MLA
 
 
+def register_backend_name(name: str, factory) -> None:
+    """``--attention-backend name``: the factory (runner -> backend), the CLI choice and the
+    DeepSeek handler that takes the absorbed path. Idempotent."""
+    from mla_plugin.sglang.compat import (
+        ATTENTION_BACKEND_CHOICES,
+        ATTENTION_BACKENDS,
+        AttentionBackendRegistry,
+        register_attention_backend,
+    )
+
+    if name not in ATTENTION_BACKENDS:
+        register_attention_backend(name)(factory)
+    if name not in ATTENTION_BACKEND_CHOICES:
+        ATTENTION_BACKEND_CHOICES.append(name)
+    AttentionBackendRegistry.register(name, absorbed_mla_handler)
+
+
 def fill_deepseek_config_defaults() -> None:
     """``moe_layer_freq`` = 1 where a DeepSeek-V2 config has none (read at model build)."""
     try:
@@ -98,20 +115,9 @@ def register() -> None:
     if cpu_support.sglang_on_cpu():
         cpu_support.install_import_stand_in()  # processes started without the .pth line
     touch_points.verify()
-    from mla_plugin.sglang.compat import (
-        ATTENTION_BACKEND_CHOICES,
-        ATTENTION_BACKENDS,
-        AttentionBackendRegistry,
-        HookRegistry,
-        HookType,
-        register_attention_backend,
-    )
+    from mla_plugin.sglang.compat import HookRegistry, HookType
 
-    if BACKEND_NAME not in ATTENTION_BACKENDS:
-        register_attention_backend(BACKEND_NAME)(create_backend)
-    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
-        ATTENTION_BACKEND_CHOICES.append(BACKEND_NAME)
-    AttentionBackendRegistry.register(BACKEND_NAME, absorbed_mla_handler)
+    register_backend_name(BACKEND_NAME, create_backend)
     fill_deepseek_config_defaults()
     HookRegistry.register("sglang.srt.server_args.ServerArgs.check_server_args", _check_server_args_hook,
                           HookType.AFTER)

@@ -37,6 +37,7 @@ from mla_plugin.gla_options import ShardingPlan, plan_for
 from mla_plugin.ops import latent_rmsnorm
 from mla_plugin.sharded_weights import (
     fold_rank_up_projection,
+    narrowed_weight_loader,
     rank_latent_projection_block,
     rank_up_projection_block,
     rank_up_projection_shape,
@@ -70,19 +71,6 @@ def _rope_and_scale(config, qk_rope_head_dim: int, max_position: int, scale: flo
         scale = scale * mscale * mscale
     return rotary, scale
 
-
-def _load_narrowed(block_of):
-    """A weight loader that copies this rank's block of the checkpoint tensor (a view), so the
-    whole tensor is never copied into the rank's parameter (touch point "replicated linear")."""
-
-    def weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
-        block = block_of(loaded_weight)
-        if block.shape != param.shape:
-            raise ValueError(f"{GLA_BACKEND_NAME}: checkpoint block {tuple(block.shape)} does not fit the "
-                             f"parameter {tuple(param.shape)}")
-        param.data.copy_(block)
-
-    return weight_loader
 
 
 PROJECTIONS = ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj", "latent_projection")
@@ -137,13 +125,14 @@ class ShardedLatentDeepseekAttention(nn.Module):
         # This rank's block of kv_b_proj only: [H_loc (d_nope + d_v), d_c or d_loc].
         kv_b_rows, kv_b_cols = rank_up_projection_shape(plan, nope_dim=qk_nope_head_dim, v_dim=v_head_dim)
         self.kv_b_proj = ReplicatedLinear(kv_b_cols, kv_b_rows, bias=False, prefix=f"{prefix}.kv_b_proj")
-        self.kv_b_proj.weight.weight_loader = _load_narrowed(
-            lambda w: rank_up_projection_block(plan, w, nope_dim=qk_nope_head_dim, v_dim=v_head_dim))
+        self.kv_b_proj.weight.weight_loader = narrowed_weight_loader(
+            lambda w: rank_up_projection_block(plan, w, nope_dim=qk_nope_head_dim, v_dim=v_head_dim),
+            GLA_BACKEND_NAME)
         if plan.latent_projection:  # this rank's rows of P: [d_loc, d_c]
             self.latent_projection = ReplicatedLinear(latent_dim, plan.local_latent_dim, bias=False,
                                                       prefix=f"{prefix}.latent_projection")
-            self.latent_projection.weight.weight_loader = _load_narrowed(
-                lambda w: rank_latent_projection_block(plan, w))
+            self.latent_projection.weight.weight_loader = narrowed_weight_loader(
+                lambda w: rank_latent_projection_block(plan, w), GLA_BACKEND_NAME)
         else:
             self.latent_projection = None
         self.rotary_emb, self.scaling = _rope_and_scale(
