@@ -2,7 +2,7 @@
 
     mla-plugin demo                 serve a bundled tiny DeepSeek-V2 through the plugin
     mla-plugin ppl MODEL            wikitext-2 perplexity (vLLM, SGLang or transformers engine)
-    mla-plugin convert mla-to-gla SRC DST --shards G   DeepSeek-V2 -> sharded-latent layout
+    mla-plugin convert mla-to-gla SRC DST --shards G   DeepSeek-V2/V3 (bf16 or fp8) -> sharded-latent layout
     mla-plugin convert gqa-to-mla SRC DST --kv-lora-rank D_C --rope-dim D_R   Llama/Qwen2/Mistral -> MLA
     mla-plugin make-tiny-model DIR  write a tiny random DeepSeek-V2 checkpoint
 """
@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="checkpoint converters").add_subparsers(dest="converter", required=True)
     to_gla = convert.add_parser(
-        "mla-to-gla", help="DeepSeek-V2 (MLA) -> sharded-latent layout served by mla_plugin_gla with no flags",
+        "mla-to-gla",
+        help="DeepSeek-V2/V3 (MLA; bf16 or fp8 blocks) -> sharded-latent layout served by mla_plugin_gla with no flags",
         description="Folds the latent RMSNorm weight into the up-projections, rotates the latent into the "
                     "chosen basis, folds the slice logit scale (approximate modes), and declares the layout "
                     "in config.json. Streams tensor by tensor.")

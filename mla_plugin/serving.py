@@ -86,7 +86,12 @@ def post_json(url: str, body: dict, timeout: float = 300) -> dict:
 
 def stop_server(server: Server, grace: float = 60) -> None:
     """Stop the server by its PID (SIGTERM, then SIGKILL); then clear its process group."""
-    proc = server.proc
+    stop_process(server.proc, grace)
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 60) -> None:
+    """SIGTERM ``proc`` (started with start_new_session), SIGKILL it after ``grace`` s; then
+    clear its process group (engine-core and worker children, if any survived)."""
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
         try:

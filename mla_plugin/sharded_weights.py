@@ -104,3 +104,24 @@ def narrowed_weight_loader(block_of, owner: str):
         param.data.copy_(block)
 
     return weight_loader
+
+
+def stacked_rows_weight_loader(row_sizes: tuple[int, ...], owner: str):
+    """A weight loader for a parameter that stacks several checkpoint tensors by rows, e.g. a
+    fused [q_a_proj; kv_a_proj_with_mqa] ([d_q + d_c + d_R, d_model]): the loader calls it once
+    per tensor with the tensor's index as the shard id (vLLM's ``weight_loader(param, loaded,
+    shard_id)`` convention for stacked parameters), and it copies the tensor into its rows.
+    Every rank loads every shard whole (replicated). ``owner`` names the backend in the error."""
+    offsets = [sum(row_sizes[:i]) for i in range(len(row_sizes))]
+
+    def weight_loader(param: torch.nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        if not isinstance(shard_id, int) or isinstance(shard_id, bool) or not 0 <= shard_id < len(row_sizes):
+            raise ValueError(f"{owner}: a stacked parameter of {len(row_sizes)} tensors got shard id {shard_id!r} "
+                             "(the checkpoint tensor was not mapped to one of its parts)")
+        rows = param.data.narrow(0, offsets[shard_id], row_sizes[shard_id])  # [rows of this part, d_in]
+        if loaded_weight.shape != rows.shape:
+            raise ValueError(f"{owner}: checkpoint tensor {tuple(loaded_weight.shape)} does not fit part "
+                             f"{shard_id} {tuple(rows.shape)} of the stacked parameter {tuple(param.shape)}")
+        rows.copy_(loaded_weight)
+
+    return weight_loader

@@ -1,5 +1,8 @@
 """GQA/MHA (Llama, Mistral, Qwen2) -> DeepSeek-V2-style MLA checkpoint.
 
+Qwen3 (per-head q/k RMSNorm) is refused with the reason: it has no exact MLA form
+(_refuse_per_head_qk_norm).
+
 The per-layer math is in gqa_latent.py, the calibration statistics (second moments of
 every layer's keys and values on calibration text, one transformers forward pass per
 window) in calibration_capture.py, the shared stages in pipeline.py. This module reads
@@ -105,6 +108,7 @@ def _check_source(source: SourceCheckpoint) -> tuple[int, int, int]:
     types; returns (H, K, d_h)."""
     src, config = source.path, source.config
     model_type = config.get("model_type")
+    _refuse_per_head_qk_norm(source)
     if model_type not in SOURCE_TYPES:
         arch = ", ".join(config.get("architectures") or [str(model_type)])
         hint = " For DeepSeek-V2 (MLA) checkpoints use mla-to-gla." if model_type == "deepseek_v2" else ""
@@ -126,6 +130,34 @@ def _check_source(source: SourceCheckpoint) -> tuple[int, int, int]:
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     return heads, kv_heads, head_dim
+
+
+_QK_NORM = re.compile(r".*self_attn\.(q_norm|k_norm)\.weight$")
+
+
+def _refuse_per_head_qk_norm(source: SourceCheckpoint) -> None:
+    """Qwen3 (and any source with self_attn.q_norm / k_norm) has no exact MLA form: refused.
+
+    Such a source RMS-normalises every head's query and key on its own before RoPE:
+    k_j = g ⊙ W_j x / rms(W_j x), which is unchanged when x is scaled, so it is not linear in x.
+    An MLA key is [W_UK c ; k^R] with the rope key k^R linear in x and c one latent shared
+    by every head (DeepSeek's latent RMSNorm, where present, divides all heads by one common
+    factor and never touches k^R). So an MLA layer equals the source for every input only if
+    the per-head factor 1/rms(W_j x) is constant, i.e. W_j x = 0 for all x, or g = 0: keys (or
+    queries) identically zero, attention that ignores its keys. No real checkpoint is that,
+    so nothing is folded; an approximate fold would silently change the model.
+    """
+    found = {m.group(1) for name in source.tensors if (m := _QK_NORM.match(name))}
+    normed = [norm for norm in ("q_norm", "k_norm") if norm in found]
+    if not normed and not str(source.config.get("model_type", "")).startswith("qwen3"):
+        return
+    what = " and ".join(normed) if normed else "q_norm and k_norm"
+    raise ConversionError(
+        f"{source.path} normalises each attention head's query and key on its own (self_attn.{what}: "
+        "RMSNorm over head_dim before RoPE, as Qwen3 does); that divides every key by its own head's "
+        "length, a factor no MLA layer has (an MLA key is linear in the layer input, or in one latent "
+        "shared by all heads), so no exact MLA form exists and gqa-to-mla does not approximate it. "
+        "Serve this model with vLLM's own attention, or convert a Llama, Mistral or Qwen2 checkpoint")
 
 
 @atomic_destination

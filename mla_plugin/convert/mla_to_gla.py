@@ -15,8 +15,18 @@ ops/latent_basis.group_subspace_projection), written as one extra tensor per lay
 ``"latent_projection": true``; W_DKV is then kept as it is.
 config.json then declares ``"mla_plugin": {"layout": "sharded_latent", ...}`` so
 vLLM with the plugin serves it with no flags. Under exact softmax and global RMSNorm
-the result is still an ordinary DeepSeek-V2 checkpoint computing the same function
+the result is still an ordinary DeepSeek-V2 (or V3) checkpoint computing the same function
 (transformers loads it too).
+
+DeepSeek-V3-style sources (model_type deepseek_v3; V3/R1, Kimi-K2 shapes) convert the same
+way. The low-rank query (q_lora_rank set: q_a_proj, q_a_layernorm, q_b_proj) is copied
+untouched: nothing is folded into the query (λ and μ go into W_UK and W_UV, the basis into
+W_DKV and kv_b_proj). MoE layers (experts, gate, shared experts, e_score_correction_bias)
+are copied tensor by tensor, byte for byte. fp8 block-quantised sources (fp8_blocks.py):
+the tensors folded here are dequantised, folded in float64 and written in bfloat16 without
+their weight_scale_inv, and so is q_a_proj (vLLM fuses it with kv_a_proj_with_mqa, and a
+fused layer is quantised whole or not at all); the config's quantization_config lists
+them as not quantised; every other tensor is copied bit for bit.
 
 Streaming (pipeline.py): tensors are read and written one at a time; only the attention
 latent weights of all layers (small) are held while the rest is copied. Calibration
@@ -44,6 +54,14 @@ from mla_plugin.convert.calibration_fit import (
 )
 from mla_plugin.convert.declared_config import write_config
 from mla_plugin.convert.defaults import CALIBRATE_MODES
+from mla_plugin.convert.fp8_blocks import (
+    SCALE_SUFFIX,
+    UNQUANTISED_DTYPE,
+    BlockFp8,
+    is_quantised,
+    unquantised_config,
+    write_dequantised_copy,
+)
 from mla_plugin.convert.pipeline import (
     INDEX_NAME,
     ConversionError,
@@ -70,8 +88,11 @@ LATENT_PROJECTION = "latent_projection"  # the per-layer [d_c, d_c] tensor group
 # Whether group-pca measures key errors in each head's query metric E[q qᵀ] and value errors in
 # its output metric W_O,hᵀ W_O,h (logit and output errors, docs/design.md section 5), or plainly.
 GROUP_PCA_METRICS = True
-_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\.(kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj|o_proj)"
-                        r"\.weight$")
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.self_attn\."
+                        r"(kv_a_proj_with_mqa|kv_a_layernorm|kv_b_proj|o_proj|q_a_proj)\.weight$")
+SOURCE_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")  # V2, V2-Lite; V3, R1 (and Kimi-K2's shape)
+# Written unquantised with the folded kv_a_proj_with_mqa of an fp8 source: vLLM fuses them into one layer.
+FUSED_WITH_KV_A = ("q_a_proj",)
 
 
 @dataclass
@@ -104,19 +125,17 @@ MLA_CONFIG_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "k
 
 
 def _check_inputs(source: SourceCheckpoint, options: ShardedLatentOptions) -> ShardingPlan:
-    """The source must be a stock DeepSeek-V2 (MLA) checkpoint whose config types and layer count
-    match its weights."""
+    """The source must be a stock DeepSeek-V2/V3 (MLA) checkpoint, unquantised or in fp8 blocks, whose
+    config types and layer count match its weights."""
     src, config = source.path, source.config
-    if config.get("model_type") != "deepseek_v2" or "kv_lora_rank" not in config:
+    if config.get("model_type") not in SOURCE_MODEL_TYPES or "kv_lora_rank" not in config:
         arch = ", ".join(config.get("architectures") or [config.get("model_type", "unknown")])
         raise ConversionError(
-            f"mla-to-gla converts DeepSeek-V2 (MLA) checkpoints; {src} is {arch}. "
-            "For Llama/Qwen/Mistral use gqa-to-mla.")
-    check_config_types(source, ints=MLA_CONFIG_INTS, optional_ints=("num_key_value_heads",),
+            f"mla-to-gla converts DeepSeek-V2/V3 (MLA) checkpoints (model_type {' or '.join(SOURCE_MODEL_TYPES)}); "
+            f"{src} is {arch} (model_type {config.get('model_type')!r}). For Llama/Qwen/Mistral use gqa-to-mla.")
+    check_config_types(source, ints=MLA_CONFIG_INTS, optional_ints=("num_key_value_heads", "q_lora_rank"),
                        optional_numbers=("rope_theta",))
-    if config.get("q_lora_rank") is not None:
-        raise ConversionError("checkpoints with q_lora_rank set are not supported yet "
-                              "(DeepSeek-V2-Lite style, q_lora_rank = null, is)")
+    BlockFp8.of_config(config, src / "config.json")  # refuses quantisations other than fp8 blocks
     declared = config.get(CONFIG_KEY)
     if isinstance(declared, dict) and declared.get("layout") == "sharded_latent":
         raise ConversionError(
@@ -160,10 +179,37 @@ def _attention_weights_by_layer(source: SourceCheckpoint) -> dict[int, dict[str,
     return found
 
 
+def _weight_reader(source: SourceCheckpoint, fp8: BlockFp8 | None):
+    """``read(name)``: a source weight in float64, dequantised where it is stored in fp8."""
+
+    def read(name: str) -> torch.Tensor:
+        entry = source.tensors[name]
+        tensor = read_tensor(entry.path, name)
+        if not is_quantised(entry.dtype):
+            return tensor.to(torch.float64)
+        scale = source.tensors.get(name + SCALE_SUFFIX)
+        if fp8 is None or scale is None:
+            raise ConversionError(
+                f"{source.path}: {name} is stored in {entry.dtype} but "
+                + ("config.json has no quantization_config" if fp8 is None else f"there is no {name}{SCALE_SUFFIX}")
+                + "; the converter reads DeepSeek-V3's fp8 block format (weight + weight_scale_inv, "
+                  "quantization_config.weight_block_size): restore the missing part")
+        return fp8.dequantise(tensor, read_tensor(scale.path, name + SCALE_SUFFIX), name)
+
+    return read
+
+
+def _stored_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a rewritten weight is written in: the source's, bfloat16 where that was fp8."""
+    return UNQUANTISED_DTYPE if is_quantised(dtype) else dtype
+
+
 def _layer_transforms(source: SourceCheckpoint, scale: float, basis: str, progress, shards: int,
-                      calibration: _Calibration | None = None) -> dict[str, torch.Tensor]:
-    """New kv_a_proj_with_mqa, kv_a_layernorm and kv_b_proj weights for every layer."""
+                      calibration: _Calibration | None = None, fp8: BlockFp8 | None = None) -> dict[str, torch.Tensor]:
+    """New kv_a_proj_with_mqa, kv_a_layernorm and kv_b_proj weights for every layer (and, for an fp8
+    source, q_a_proj dequantised: fp8_blocks.py)."""
     found = _attention_weights_by_layer(source)
+    read = _weight_reader(source, fp8)
     replaced = {}
     fitting = calibration is not None and calibration.mode != "none"
     for layer in progress(sorted(found), desc="fold, rotate, calibrate" if fitting else "fold and rotate"):
@@ -171,21 +217,27 @@ def _layer_transforms(source: SourceCheckpoint, scale: float, basis: str, progre
         missing = {"kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj"} - set(parts)
         if missing:
             raise ConversionError(f"layer {layer}: missing {sorted(missing)}")
-        replaced.update(_fold_layer(source.config, layer, parts, scale=scale, basis=basis, shards=shards,
+        replaced.update(_fold_layer(source.config, layer, parts, read, scale=scale, basis=basis, shards=shards,
                                     calibration=calibration))
+        if is_quantised(parts["kv_a_proj_with_mqa"].dtype):
+            for kind in FUSED_WITH_KV_A:
+                if kind in parts and is_quantised(parts[kind].dtype):
+                    name = f"model.layers.{layer}.self_attn.{kind}.weight"
+                    replaced[name] = read(name).to(_stored_dtype(parts[kind].dtype))
     return replaced
 
 
-def _fold_layer(config: dict, layer: int, parts: dict[str, TensorEntry], *, scale: float, basis: str,
+def _fold_layer(config: dict, layer: int, parts: dict[str, TensorEntry], read, *, scale: float, basis: str,
                 shards: int, calibration: _Calibration | None) -> dict[str, torch.Tensor]:
     """One layer: γ folded, the latent rotated into the basis, the slice scales folded into W_UK
-    (fitted per (head, slice) when calibrating, else ``scale``); float64 math, stored dtypes out."""
+    (fitted per (head, slice) when calibrating, else ``scale``); float64 math, stored dtypes out
+    (bfloat16 for fp8 weights). ``read(name)``: a weight in float64 (_weight_reader)."""
     d_c, heads = config["kv_lora_rank"], config["num_attention_heads"]
     nope, v = config["qk_nope_head_dim"], config["v_head_dim"]
     prefix = f"model.layers.{layer}.self_attn."
 
     def load(kind):
-        return read_tensor(parts[kind].path, f"{prefix}{kind}.weight").to(torch.float64)
+        return read(f"{prefix}{kind}.weight")
 
     kv_a, gamma, kv_b = load("kv_a_proj_with_mqa"), load("kv_a_layernorm"), load("kv_b_proj")
     captured = None
@@ -237,9 +289,9 @@ def _fold_layer(config: dict, layer: int, parts: dict[str, TensorEntry], *, scal
         "kv_a_layernorm": torch.ones(d_c, dtype=torch.float64),  # [d_c], weightless now
         "kv_b_proj": torch.cat([w_uk, w_uv], dim=1).reshape(heads * (nope + v), d_c),  # [H * (d_nope + d_v), d_c]
     }
-    out = {f"{prefix}{kind}.weight": tensor.to(parts[kind].dtype) for kind, tensor in new.items()}
+    out = {f"{prefix}{kind}.weight": tensor.to(_stored_dtype(parts[kind].dtype)) for kind, tensor in new.items()}
     if projection is not None:  # [d_c, d_c] = [B_0; …; B_{g−1}], stored like kv_b_proj
-        out[f"{prefix}{LATENT_PROJECTION}.weight"] = projection.to(parts["kv_b_proj"].dtype)
+        out[f"{prefix}{LATENT_PROJECTION}.weight"] = projection.to(_stored_dtype(parts["kv_b_proj"].dtype))
     return out
 
 
@@ -337,27 +389,40 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_
                                     allow_eval_text)
     runtime, plan = _runtime_options(source, shards=shards, softmax=softmax, rmsnorm=rmsnorm,
                                      logit_scale=logit_scale, latent_projection=basis == GROUP_PCA)
+    fp8 = BlockFp8.of_config(source.config, source.path / "config.json")
     progress = progress_reporter(show_progress)
     calibration = None
     if calib_path is not None:
+        _check_calibrated_layers(source)
         calibration = _capture(source, calib_path, calibrate=calibrate, softmax=softmax, rmsnorm=rmsnorm,
-                               basis=basis, tokens=calib_tokens, window=calib_window, show_progress=show_progress)
-    replaced = _layer_transforms(source, plan.logit_scale, basis, progress, plan.shards, calibration)
+                               basis=basis, tokens=calib_tokens, window=calib_window, show_progress=show_progress,
+                               fp8=fp8, scratch=dst.parent)
+    replaced = _layer_transforms(source, plan.logit_scale, basis, progress, plan.shards, calibration, fp8)
     if calibration is not None:
         calibration.capture.layers = {}  # the activations are no longer needed
         calib_record, notes = _calibration_summary(calibration)
     else:
         calib_record, notes = {"calibrate": "none"}, []
+    # fp8 weights rewritten here are written unquantised: their block scales go (fp8_blocks.py)
+    unquantised = {name for name in replaced if name in source.tensors and is_quantised(source.tensors[name].dtype)}
+    dropped = {name + SCALE_SUFFIX for name in unquantised}
     dst.mkdir(parents=True, exist_ok=True)
-    copied = _write_weights(source, dst, replaced, progress)
-    # the index too (names and files are kept), unless new tensors join it: then it is rewritten
+    copied = _write_weights(source, dst, replaced, progress, dropped)
+    # the index too (names and files are kept), unless tensors join or leave it: then it is rewritten
     added = {name for name in replaced if name not in source.tensors}
-    copy_side_files(source.path, dst, skip=("config.json", INDEX_NAME) if added and source.has_index
-                    else ("config.json",))
-    if added and source.has_index:
-        write_index(dst, {name: entry.path.name for name, entry in source.tensors.items()}
+    renamed = (added or dropped) and source.has_index
+    copy_side_files(source.path, dst, skip=("config.json", INDEX_NAME) if renamed else ("config.json",))
+    if renamed:
+        write_index(dst, {name: entry.path.name for name, entry in source.tensors.items() if name not in dropped}
                     | {name: _file_of_layer(source, name).name for name in added})
     config = _output_config(source.config, runtime, plan, basis, calib_record)
+    if unquantised:
+        config["quantization_config"] = unquantised_config(
+            config["quantization_config"], {name[: -len(".weight")] for name in unquantised})
+        notes = notes + [f"fp8 source: {len(unquantised)} rewritten weights dequantised and written in "
+                         f"{str(UNQUANTISED_DTYPE).removeprefix('torch.')} (their {len(dropped)} block scales "
+                         "dropped, listed in quantization_config as not quantised); every other tensor copied "
+                         "bit for bit"]
     write_config(dst, config)  # declares the architecture; the modeling file where not plain MLA
     d_c, d_r = config["kv_lora_rank"], config["qk_rope_head_dim"]
     return ConversionReport(
@@ -380,13 +445,38 @@ def _runtime_options(source: SourceCheckpoint, *, shards: int, softmax: str, rms
         raise ConversionError(str(err)) from None
 
 
+def _check_calibrated_layers(source: SourceCheckpoint) -> None:
+    """Calibration runs the model through transformers, which never runs the MTP layers."""
+    extra = source.config.get("num_nextn_predict_layers") or 0
+    if extra:
+        first = source.config["num_hidden_layers"]
+        raise ConversionError(
+            f"{source.path}: calibration (--calibrate, --basis pca-act/group-pca) needs every layer's activations, "
+            f"and the multi-token-prediction layer(s) {first}..{first + extra - 1} (num_nextn_predict_layers = "
+            f"{extra}) do not run in a forward pass; convert without calibration (--basis identity/hadamard/pca)")
+
+
 def _capture(source: SourceCheckpoint, calib_path: Path, *, calibrate: str, softmax: str, rmsnorm: str,
-             basis: str, tokens: int, window: int, show_progress: bool) -> _Calibration:
-    """Run the source once over the calibration text (transformers) and keep what the fit needs."""
+             basis: str, tokens: int, window: int, show_progress: bool, fp8: BlockFp8 | None = None,
+             scratch: Path | None = None) -> _Calibration:
+    """Run the source once over the calibration text (transformers) and keep what the fit needs. An fp8
+    source runs as its dequantised float32 copy, written into a scratch folder beside DST (transformers
+    5.19 on CPU refuses fp8 weights whose shape is not a multiple of the block, e.g. V3's kv_a_proj_with_mqa)."""
+    import tempfile
+
+    def run(model_path):
+        return capture_activations(model_path, calib_path, tokens=tokens, window=window,
+                                   need_queries=calibrate != "none" or basis == GROUP_PCA,
+                                   show_progress=show_progress)
+
     try:
-        capture = capture_activations(source.path, calib_path, tokens=tokens, window=window,
-                                      need_queries=calibrate != "none" or basis == GROUP_PCA,
-                                      show_progress=show_progress)
+        if fp8 is None:
+            capture = run(source.path)
+        else:
+            scratch = scratch if scratch is not None and scratch.is_dir() else None
+            with tempfile.TemporaryDirectory(prefix=".mla-plugin-dequantised-", dir=scratch) as copy:
+                write_dequantised_copy(source, copy, fp8)
+                capture = run(copy)
     except ValueError as err:
         raise ConversionError(str(err)) from None
     return _Calibration(capture=capture, mode=calibrate, softmax=softmax, rmsnorm=rmsnorm)
@@ -398,16 +488,17 @@ def _file_of_layer(source: SourceCheckpoint, name: str) -> Path:
     return source.tensors[f"{prefix}.self_attn.kv_b_proj.weight"].path
 
 
-def _write_weights(source: SourceCheckpoint, dst: Path, replaced: dict[str, torch.Tensor], progress) -> int:
-    """Every source file rewritten under its own name, the replaced tensors swapped in and new ones
-    (group-pca's latent_projection) added to the file of their layer's kv_b_proj; returns the number of
-    tensors copied unchanged."""
+def _write_weights(source: SourceCheckpoint, dst: Path, replaced: dict[str, torch.Tensor], progress,
+                   dropped: set[str] = frozenset()) -> int:
+    """Every source file rewritten under its own name, the replaced tensors swapped in (in their new
+    dtype), ``dropped`` ones left out, and new ones (group-pca's latent_projection) added to the file of
+    their layer's kv_b_proj; returns the number of tensors copied unchanged (byte for byte)."""
     copied = 0
     added = [name for name in replaced if name not in source.tensors]
     for path in progress(source.files, desc="write"):
-        entries = tensor_entries(path)
-        for name in added:
-            if _file_of_layer(source, name) == path:
+        entries = {name: entry for name, entry in tensor_entries(path).items() if name not in dropped}
+        for name in replaced:
+            if name in entries or (name in added and _file_of_layer(source, name) == path):
                 entries[name] = (replaced[name].dtype, list(replaced[name].shape))
 
         def tensor_for(name, path=path):

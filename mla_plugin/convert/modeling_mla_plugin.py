@@ -19,6 +19,11 @@ DeepseekV2ForCausalLM computing the function config.json declares under "mla_plu
   [d_c, d_c] and head group j reads z^(j) = B_j ĉ (the slice j of z = P ĉ) instead of
   slice j of ĉ.
 
+DeepSeek-V3-style checkpoints (model_type deepseek_v3: V3/R1, Kimi-K2 shapes; sigmoid
+routing with a correction bias, interleaved rope) load as ``MLAPluginDeepseekV3ForCausalLM``:
+transformers' DeepseekV3ForCausalLM with the same sharded-latent attention (V3's rope).
+Both take the low-rank query (q_a_proj, q_a_layernorm, q_b_proj) as the stock models do.
+
 Self-contained on purpose: it needs torch and transformers only, not the mla_plugin
 package. Its attention does not go through transformers' pluggable attention functions,
 so engines that substitute their own attention kernels (vLLM's Transformers backend)
@@ -27,11 +32,16 @@ refuse it rather than computing plain MLA.
 
 import torch
 from torch import nn
-from transformers import DeepseekV2ForCausalLM
+from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
 from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
     DeepseekV2Attention,
     DeepseekV2RotaryEmbedding,
     apply_rotary_emb,
+)
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3Attention,
+    apply_rotary_pos_emb,
+    apply_rotary_pos_emb_interleave,
 )
 
 SOFTMAX_MODES = ("exact", "partitioned", "grouped")
@@ -145,8 +155,9 @@ def _latent_rmsnorm(latent: torch.Tensor, shards: int, mode: str, eps: float) ->
     return (slices * torch.rsqrt(slices.pow(2).mean(dim=-1, keepdim=True) + eps)).reshape(x.shape)
 
 
-class ShardedLatentDeepseekV2Attention(DeepseekV2Attention):
-    """DeepseekV2Attention's weights and names; the attention of the declared sharded latent."""
+class _ShardedLatentAttention:
+    """The attention of the declared sharded latent, on a stock DeepSeek attention's weights and
+    names (mixed into DeepseekV2Attention / DeepseekV3Attention, which differ in their rope)."""
 
     def __init__(self, config, layer_idx: int, options: dict) -> None:
         super().__init__(config, layer_idx)
@@ -180,7 +191,7 @@ class ShardedLatentDeepseekV2Attention(DeepseekV2Attention):
         latent = latent.to(hidden_states.dtype)
         latent = latent.view(batch, 1, queries, self.kv_lora_rank)
         k_pe = k_pe.view(batch, 1, queries, self.qk_rope_head_dim)
-        q_pe, k_pe = apply_rotary_emb(q_pe, k_pe, position_embeddings.to(q_pe.device))
+        q_pe, k_pe = self._rotate(q_pe, k_pe, position_embeddings)
         if past_key_values is not None:
             latent, k_pe = past_key_values.update(latent, k_pe, self.layer_idx)  # [B, 1, T, ...]
         w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim,
@@ -191,6 +202,47 @@ class ShardedLatentDeepseekV2Attention(DeepseekV2Attention):
         return self.o_proj(out), None
 
 
+class ShardedLatentDeepseekV2Attention(_ShardedLatentAttention, DeepseekV2Attention):
+    """DeepseekV2Attention's weights and names; the attention of the declared sharded latent."""
+
+    def _rotate(self, q_pe, k_pe, position_embeddings):
+        # position_embeddings: complex rotations [B, S, d_R / 2]
+        return apply_rotary_emb(q_pe, k_pe, position_embeddings.to(q_pe.device))
+
+
+class ShardedLatentDeepseekV3Attention(_ShardedLatentAttention, DeepseekV3Attention):
+    """DeepseekV3Attention's weights and names; the attention of the declared sharded latent."""
+
+    def _rotate(self, q_pe, k_pe, position_embeddings):
+        cos, sin = position_embeddings  # [B, S, d_R] each
+        if self.config.rope_interleave:
+            return apply_rotary_pos_emb_interleave(q_pe, k_pe, cos, sin)
+        return apply_rotary_pos_emb(q_pe, k_pe, cos, sin)
+
+
+def _gqa_format(fmt: dict) -> bool:
+    return bool(not fmt.get("latent_norm", True) or fmt.get("q_bias") or fmt.get("kv_a_bias")
+                or fmt.get("rope_inv_freq") is not None)
+
+
+class MLAPluginDeepseekV3ForCausalLM(DeepseekV3ForCausalLM):
+    """transformers' DeepseekV3ForCausalLM (V3's MoE routing) with the declared sharded latent."""
+
+    _supports_attention_backend = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        fmt = getattr(config, "mla_plugin", None) or {}
+        if _gqa_format(fmt):
+            raise NotImplementedError("mla_plugin: gqa-to-mla format keys on a DeepSeek-V3 checkpoint are not "
+                                      "supported")
+        sharded = _sharded_latent_options(fmt)
+        if sharded is not None:
+            for index, layer in enumerate(self.model.layers):
+                layer.self_attn = ShardedLatentDeepseekV3Attention(config, index, sharded)
+        self.post_init()
+
+
 class MLAPluginDeepseekV2ForCausalLM(DeepseekV2ForCausalLM):
     # Its attention is its own: engines must not swap in theirs (vLLM's Transformers backend).
     _supports_attention_backend = False
@@ -199,9 +251,7 @@ class MLAPluginDeepseekV2ForCausalLM(DeepseekV2ForCausalLM):
         super().__init__(config)
         fmt = getattr(config, "mla_plugin", None) or {}
         sharded = _sharded_latent_options(fmt)
-        converted_from_gqa = (not fmt.get("latent_norm", True) or fmt.get("q_bias") or fmt.get("kv_a_bias")
-                              or fmt.get("rope_inv_freq") is not None)
-        if sharded is not None and converted_from_gqa:
+        if sharded is not None and _gqa_format(fmt):
             raise NotImplementedError("mla_plugin: a sharded latent with gqa-to-mla format keys is not supported")
         for index, layer in enumerate(self.model.layers):
             attn = layer.self_attn

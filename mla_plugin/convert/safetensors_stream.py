@@ -18,8 +18,12 @@ from mla_plugin.errors import MLAPluginInputError
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "BOOL": torch.bool, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    # fp8 block-quantised checkpoints (DeepSeek-V3: F8_E4M3 weights, F32 scales); copied byte for byte
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+if hasattr(torch, "float8_e8m0fnu"):
+    _DTYPES["F8_E8M0"] = torch.float8_e8m0fnu
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _ELEMENT_BYTES = {k: torch.empty((), dtype=v).element_size() for k, v in _DTYPES.items()}
 

@@ -9,7 +9,9 @@ SGLang runs on CPU when ``SGLANG_USE_CPU_ENGINE=1`` (its own switch, ``is_cpu()`
    plain-torch stand-ins of just these two ops (and, for the speculative-decoding modules
    SGLang also imports, names that raise if called); any other name is an ImportError,
    so SGLang's own "is this kernel here?" checks answer no. A real ``sgl_kernel`` always
-   wins (the finder is the last one asked).
+   wins (the finder is the last one asked). MoE layers need nothing more: SGLang's AMX check
+   (``torch.ops.sgl_kernel.convert_weight_packed``) answers no, so its CPU MoE takes its
+   plain-torch path (``moe_forward_native``, torch top-k routing).
 2. **CPU rope.** SGLang's CPU rope factory (``get_rope_cpu``) takes only DeepSeek-YaRN
    scaling; a checkpoint with plain rope (no ``rope_scaling``) gets DeepSeek-YaRN with
    factor 1, which is the plain rope (every frequency and scale unchanged).

@@ -8,6 +8,8 @@ Glossary) and shares its pieces: the plan (``gla_options.plan_for``), the latent
 the attention (``ops.paged_latent_attention``, called by ``gla_backend``):
 
     q        = W_Q x                      all heads, replicated weights (grouped: this rank's heads)
+               (low rank, q_lora_rank = d_q: q = W_UQ rmsnorm(W_DQ x); W_DQ and its norm replicated,
+               W_UQ = q_b_proj split by heads like W_Q)
     c        = W_DKV x                    replicated; the whole latent on every rank
     ĉ        = norm(Qᵀ c)                 global RMSNorm or per slice (local); γ folded into W_UK, W_UV
     ĉ^loc    = this rank's slices         written to the pool with k^R: d_loc + d_R values per token
@@ -21,6 +23,13 @@ does: a rank holds the H_loc = H / n_TP heads of its groups, W_Q is SGLang's
 kv_b_proj only those heads' rows and this rank's columns, narrowed from the checkpoint tensor
 by a weight loader of ours (``sharded_weights.rank_up_projection_block``).
 
+The low-rank query (DeepSeek-V2, V3/R1, Kimi-K2: ``q_lora_rank`` set; ``gla_options.QueryProjection``)
+is built with SGLang's own names and loading: ``fused_qkv_a_proj_with_mqa`` (rows
+[q_a_proj; kv_a_proj_with_mqa], [d_q + d_c + d_R, d_model], replicated; SGLang's DeepSeek loader
+concatenates the two checkpoint tensors into it), ``q_a_layernorm`` (replicated) and
+``q_b_proj``, split by heads in grouped mode exactly as ``q_proj`` is. ``prepare_qkv_latent``
+(the hook SGLang's decoder layer is built with) gives the fused rows, as SGLang's module does.
+
 The attention layer (``attn_mqa``, a ``RadixAttention``) has the rank's heads (H, or H_loc),
 head width d_loc + d_R and value width d_loc; SGLang's MLA pool for this model is sized to
 that width per rank (gla_pool.py), so each rank's pool holds d_loc + d_R values per token.
@@ -29,7 +38,7 @@ that width per rank (gla_pool.py), so each rank's pool holds d_loc + d_R values 
 import torch
 from torch import nn
 
-from mla_plugin.gla_options import ShardingPlan, plan_for
+from mla_plugin.gla_options import QueryProjection, ShardingPlan, plan_for, query_projection_of
 from mla_plugin.ops import latent_rmsnorm
 from mla_plugin.sharded_weights import (
     fold_rank_up_projection,
@@ -58,6 +67,9 @@ class ShardedLatentDeepseekAttention(nn.Module):
                                            tp_rank=sg.get_tensor_model_parallel_rank())
         if kv_lora_rank != self.plan.latent_dim:
             raise ValueError(f"kv_lora_rank {kv_lora_rank} disagrees with the config's {self.plan.latent_dim}")
+        self.query: QueryProjection = query_projection_of(config)
+        if q_lora_rank != self.query.low_rank:
+            raise ValueError(f"q_lora_rank {q_lora_rank} disagrees with the config's {self.query.low_rank}")
         self.layer_id = layer_id
         self.reduce_results = reduce_results  # False under DeepseekV2DecoderLayer: its communicator all-reduces
         self.num_heads = num_heads
@@ -66,26 +78,37 @@ class ShardedLatentDeepseekAttention(nn.Module):
         self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.v_head_dim = v_head_dim
-        self.q_lora_rank, self.kv_lora_rank = None, kv_lora_rank
+        self.q_lora_rank, self.kv_lora_rank = self.query.low_rank, kv_lora_rank
         self.eps = config.rms_norm_eps
         latent_dim, local_dim = self.plan.latent_dim, self.plan.local_latent_dim  # d_c, d_loc
 
-        # Checkpoint names as DeepseekV2's loader expects them. Heads split (grouped): W_Q by heads,
-        # W_O by its head inputs (a partial sum, reduced below or by the layer communicator);
-        # otherwise both whole on every rank.
+        # Checkpoint names as DeepseekV2's loader expects them. Heads split (grouped): the per-head
+        # query weight (q_proj, or q_b_proj when low rank) by heads, W_O by its head inputs (a
+        # partial sum, reduced below or by the layer communicator); otherwise both whole on every rank.
+        query = self.query
+        per_head_name = query.per_head_weight  # "q_proj" or "q_b_proj"
+        per_head_in = query.per_head_input_dim(hidden_size)  # d_model or d_q
         if plan.heads_split:
-            self.q_proj = sg.ColumnParallelLinear(hidden_size, num_heads * self.qk_head_dim, bias=False,
-                                                  prefix=f"{prefix}.q_proj")
+            per_head = sg.ColumnParallelLinear(per_head_in, num_heads * self.qk_head_dim, bias=False,
+                                               prefix=f"{prefix}.{per_head_name}")
             self.o_proj = sg.RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=False,
                                                input_is_parallel=True, reduce_results=False,
                                                prefix=f"{prefix}.o_proj")
         else:
-            self.q_proj = sg.ReplicatedLinear(hidden_size, num_heads * self.qk_head_dim, bias=False,
-                                              prefix=f"{prefix}.q_proj")
+            per_head = sg.ReplicatedLinear(per_head_in, num_heads * self.qk_head_dim, bias=False,
+                                           prefix=f"{prefix}.{per_head_name}")
             self.o_proj = sg.ReplicatedLinear(num_heads * v_head_dim, hidden_size, bias=False,
                                               prefix=f"{prefix}.o_proj")
-        self.kv_a_proj_with_mqa = sg.ReplicatedLinear(hidden_size, latent_dim + qk_rope_head_dim, bias=False,
-                                                      prefix=f"{prefix}.kv_a_proj_with_mqa")
+        setattr(self, per_head_name, per_head)  # [H_loc (d_nope + d_R), d_model or d_q]
+        if query.is_low_rank:
+            # SGLang's loader stacks q_a_proj and kv_a_proj_with_mqa into this one (replicated) weight.
+            self.fused_qkv_a_proj_with_mqa = sg.ReplicatedLinear(
+                hidden_size, query.low_rank + latent_dim + qk_rope_head_dim, bias=False,
+                prefix=f"{prefix}.fused_qkv_a_proj_with_mqa")  # [d_q + d_c + d_R, d_model]
+            self.q_a_layernorm = sg.RMSNorm(query.low_rank, eps=config.rms_norm_eps)
+        else:
+            self.kv_a_proj_with_mqa = sg.ReplicatedLinear(hidden_size, latent_dim + qk_rope_head_dim, bias=False,
+                                                          prefix=f"{prefix}.kv_a_proj_with_mqa")
         self.kv_a_layernorm = sg.RMSNorm(latent_dim, eps=config.rms_norm_eps)  # γ, folded into W_UK / W_UV
         # This rank's block of kv_b_proj only: [H_loc (d_nope + d_v), d_c or d_loc].
         kv_b_rows, kv_b_cols = rank_up_projection_shape(plan, nope_dim=qk_nope_head_dim, v_dim=v_head_dim)
@@ -126,7 +149,18 @@ class ShardedLatentDeepseekAttention(nn.Module):
     # -- what SGLang's decoder layer calls besides forward ---------------------------------
 
     def prepare_qkv_latent(self, hidden_states, forward_batch):
-        raise NotImplementedError(f"{GLA_BACKEND}: checkpoints with q_lora_rank are not supported")
+        """Low rank only (as SGLang's): the fused rows ``[T, d_q + d_c + d_R]`` = [W_DQ x | W_DKV x]."""
+        if not self.query.is_low_rank:
+            raise ValueError(f"{GLA_BACKEND}: prepare_qkv_latent is for q_lora_rank models; this layer has q_proj")
+        return self.fused_qkv_a_proj_with_mqa(hidden_states)[0]
+
+    def query_and_latent(self, hidden_states, forward_batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-head queries ``[T, H_loc (d_nope + d_R)]`` and ``[c | k^R]`` rows ``[T, d_c + d_R]``."""
+        if self.query.is_low_rank:
+            q_low, latent_rope = self.prepare_qkv_latent(hidden_states, forward_batch).split(
+                [self.query.low_rank, self.plan.latent_dim + self.qk_rope_head_dim], dim=-1)  # [T, d_q], [T, d_c + d_R]
+            return self.q_b_proj(self.q_a_layernorm(q_low.contiguous()))[0], latent_rope
+        return self.q_proj(hidden_states)[0], self.kv_a_proj_with_mqa(hidden_states)[0]
 
     def maybe_use_decode_attn_tp(self, forward_batch):
         import contextlib
@@ -172,10 +206,10 @@ class ShardedLatentDeepseekAttention(nn.Module):
             return hidden_states
         self.fold_weights()
         heads, local_dim = self.local_heads, self.plan.local_latent_dim  # H_loc, d_loc
-        q = self.q_proj(hidden_states)[0].view(tokens, heads, self.qk_head_dim)  # [T, H_loc, d_nope + d_R]
+        q, latent_rope = self.query_and_latent(hidden_states, forward_batch)
+        q = q.view(tokens, heads, self.qk_head_dim)  # [T, H_loc, d_nope + d_R]
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)  # [T, H, d_nope], [T, H, d_R]
-        latent, k_pe = self.kv_a_proj_with_mqa(hidden_states)[0].split(
-            [self.plan.latent_dim, self.qk_rope_head_dim], dim=-1)  # [T, d_c], [T, d_R]
+        latent, k_pe = latent_rope.split([self.plan.latent_dim, self.qk_rope_head_dim], dim=-1)  # [T, d_c], [T, d_R]
         local = self.local_latent(latent)  # [T, d_loc]
         q_pe, k_pe = self.rotary_emb.forward_native(positions, q_pe.contiguous(),
                                                     k_pe.contiguous().unsqueeze(1))  # [T, H, d_R], [T, 1, d_R]

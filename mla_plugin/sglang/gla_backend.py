@@ -34,7 +34,7 @@ class MLAPluginGLASGLangBackend(MLAPluginSGLangBackend):
         if plan is None:
             raise NotShardedLatentLayerError(
                 f"{GLA_BACKEND}: layer {getattr(layer, 'layer_id', '?')} was not built by mla_plugin's "
-                "sharded-latent DeepSeek attention (DeepSeek-V2-style models with q_lora_rank null only)")
+                "sharded-latent DeepSeek attention (DeepSeek-V2/V3-style MLA models)")
         slices = self._slices.get(id(plan))
         if slices is None:
             if plan.heads_split:  # this rank's heads and its g_loc slices: a grouped model of their own

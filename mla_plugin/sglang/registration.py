@@ -9,8 +9,10 @@ internal the plugin touches (``touch_points.verify``), then:
 - registers a DeepSeek handler (``AttentionBackendRegistry``) that always takes the
   absorbed MLA path (an unregistered name falls back to the triton handler, whose MHA
   prefill would bypass our backend);
-- fills ``moe_layer_freq`` (=1, DeepSeek's own default) in DeepSeek-V2 configs that lack it
-  (configs saved by transformers 5 do; SGLang's DeepSeek model reads it);
+- fills ``moe_layer_freq`` (=1, DeepSeek's own default) and the MoE routing fields in
+  DeepSeek-V2/V3 configs that lack them (configs saved by transformers 5 do; SGLang's
+  DeepSeek model reads them): ``DEEPSEEK_CONFIG_DEFAULTS``, and one expert group for
+  DeepSeek-V2's ungrouped "greedy" routing (``fill_ungrouped_routing``);
 - on CPU only (``SGLANG_USE_CPU_ENGINE=1``), the stand-ins of ``cpu_support.py``.
 """
 
@@ -20,6 +22,8 @@ from mla_plugin import BACKEND_NAMES
 from mla_plugin.errors import MLAPluginInputError
 from mla_plugin.sglang import cpu_support
 from mla_plugin.sglang.mla_backend import BACKEND_NAME
+
+MODEL_SHAPES = "sglang.srt.configs.model_config.ModelConfig._derive_model_shapes"
 
 logger = logging.getLogger("sglang.mla_plugin")
 
@@ -73,14 +77,41 @@ def register_backend_name(name: str, factory) -> None:
     AttentionBackendRegistry.register(name, absorbed_mla_handler)
 
 
+# Fields SGLang's DeepSeek model reads that transformers 5's config classes no longer keep,
+# with the values transformers' own DeepSeek models compute with (and DeepSeek's checkpoints carry).
+DEEPSEEK_CONFIG_DEFAULTS = {
+    "DeepseekV2Config": {"moe_layer_freq": 1, "scoring_func": "softmax"},
+    "DeepseekV3Config": {"moe_layer_freq": 1, "scoring_func": "sigmoid", "topk_method": "noaux_tc"},
+}
+
+
 def fill_deepseek_config_defaults() -> None:
-    """``moe_layer_freq`` = 1 where a DeepSeek-V2 config has none (read at model build)."""
-    try:
-        from transformers import DeepseekV2Config
-    except ImportError:  # an older transformers: SGLang brings its own config class
-        return
-    if not hasattr(DeepseekV2Config, "moe_layer_freq"):
-        DeepseekV2Config.moe_layer_freq = 1
+    """DEEPSEEK_CONFIG_DEFAULTS where a DeepSeek-V2/V3 config has none (read at model build);
+    a checkpoint's own value (config.json) always wins."""
+    import transformers
+
+    for name, defaults in DEEPSEEK_CONFIG_DEFAULTS.items():
+        config_class = getattr(transformers, name, None)  # an older transformers: SGLang brings its own
+        for field, value in defaults.items():
+            if config_class is not None and not hasattr(config_class, field):
+                setattr(config_class, field, value)
+
+
+def fill_ungrouped_routing(model_config, *args, **kwargs):
+    """BEFORE hook of ``ModelConfig._derive_model_shapes`` (each process, before the model is built).
+
+    transformers' DeepSeek-V2 "greedy" routing picks the top-k experts over all of them and
+    saves ``n_group``/``topk_group`` as null; SGLang always routes grouped and needs both. One
+    group with one group kept is the same routing (DeepSeek-V2-Lite's own config says so).
+    """
+    config = getattr(model_config, "hf_config", None)
+    if getattr(config, "model_type", None) not in ("deepseek_v2", "deepseek_v3"):
+        return None
+    if getattr(config, "topk_method", None) == "greedy" and getattr(config, "n_group", 0) is None:
+        config.n_group = 1
+        if getattr(config, "topk_group", None) is None:
+            config.topk_group = 1
+    return None
 
 
 def check_request_in_launcher(server_args) -> None:
@@ -119,6 +150,7 @@ def register() -> None:
 
     register_backend_name(BACKEND_NAME, create_backend)
     fill_deepseek_config_defaults()
+    HookRegistry.register(MODEL_SHAPES, fill_ungrouped_routing, HookType.BEFORE)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.check_server_args", _check_server_args_hook,
                           HookType.AFTER)
     if cpu_support.sglang_on_cpu():

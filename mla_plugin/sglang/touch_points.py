@@ -8,15 +8,22 @@ import`` statements and a test checks that each of its names is listed here. The
 table "How the plugin reaches into SGLang" is ``readme_table()``; a test keeps them equal.
 """
 
-import importlib
-import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 
-SUPPORTED_SGLANG = ("0.5.23",)
+from mla_plugin import touch_point_checks
+from mla_plugin.touch_point_checks import (
+    Check,
+    all_of,
+    exists,
+    is_a,
+    source_mentions,
+    takes,
+)
 
-Check = Callable[[object], list[str]]
+resolve = touch_point_checks.resolve  # "module.path:Attribute.sub" -> object; callers use it from here
+
+SUPPORTED_SGLANG = ("0.5.23",)
 
 
 class SGLangTouchPointError(RuntimeError):
@@ -31,50 +38,9 @@ class TouchPoint:
     check: Check  # problems with the resolved object ([] when it is as expected)
 
 
-def exists() -> Check:
-    return lambda obj: []
-
-
 def has(*attributes: str) -> Check:
-    def check(obj) -> list[str]:
-        missing = [a for a in attributes if not hasattr(obj, a)]
-        return [f"has no attribute(s) {missing}"] if missing else []
-
-    return check
-
-
-def takes(*names: str) -> Check:
-    """A callable (or a class's __init__) with parameters of these names."""
-
-    def check(obj) -> list[str]:
-        target = obj.__init__ if inspect.isclass(obj) else obj
-        have = set(inspect.signature(target).parameters)
-        missing = [n for n in names if n not in have]
-        return [f"takes no parameter(s) {missing}; has {sorted(have)}"] if missing else []
-
-    return check
-
-
-def source_mentions(*snippets: str) -> Check:
-    """The object's source still contains these snippets (attributes SGLang sets internally)."""
-
-    def check(obj) -> list[str]:
-        try:
-            source = inspect.getsource(obj)
-        except (OSError, TypeError):
-            return ["has no readable source to check"]
-        missing = [s for s in snippets if s not in source]
-        return [f"no longer mentions {missing}"] if missing else []
-
-    return check
-
-
-def is_a(kind: type) -> Check:
-    return lambda obj: [] if isinstance(obj, kind) else [f"is a {type(obj).__name__}, not a {kind.__name__}"]
-
-
-def all_of(*checks: Check) -> Check:
-    return lambda obj: [problem for check in checks for problem in check(obj)]
+    """Attributes found by plain ``hasattr`` (the vLLM list's ``has`` is a static lookup)."""
+    return touch_point_checks.has(*attributes, static=False)
 
 
 _REGISTRY = "sglang.srt.layers.attention.attention_registry"
@@ -114,8 +80,8 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                "wraps or replaces the functions and the class below (applied by load_plugins)",
                has("register", "apply_hooks")),
     TouchPoint("hook types", "sglang.srt.plugins.hook_registry:HookType",
-               "AROUND (CPU rope, model shapes), AFTER (request check, pool width), BEFORE (declared backend), "
-               "REPLACE (DeepSeek attention class)", has("AROUND", "AFTER", "BEFORE", "REPLACE")),
+               "AROUND (CPU rope, model shapes), AFTER (request check, pool width), BEFORE (declared backend, "
+               "ungrouped routing), REPLACE (DeepSeek attention class)", has("AROUND", "AFTER", "BEFORE", "REPLACE")),
     TouchPoint("request check", "sglang.srt.server_args:ServerArgs.check_server_args",
                "after it, in the launcher: a non-MLA model with `mla_plugin` is one error", exists()),
     TouchPoint("CPU rope", "sglang.srt.layers.rotary_embedding.factory:get_rope_cpu",
@@ -138,7 +104,8 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                all_of(has("__post_init__", "model", "model_config"),
                       source_mentions("kv_lora_rank=self.model_config.kv_lora_rank"))),
     TouchPoint("model shapes", "sglang.srt.configs.model_config:ModelConfig._derive_model_shapes",
-               "converted checkpoints: MLAPluginDeepseekV2ForCausalLM derives DeepSeek-V2's shapes", exists()),
+               "converted checkpoints: MLAPluginDeepseekV2ForCausalLM derives DeepSeek-V2's shapes; before it, "
+               "DeepSeek-V2 \"greedy\" routing saved with n_group null gets one group (1, 1)", exists()),
     TouchPoint("model registry", "sglang.srt.models.registry:ModelRegistry",
                "registers MLAPluginDeepseekV2ForCausalLM (a DeepSeek-V2 model)", has("models", "resolve_model_cls")),
     TouchPoint("declared backend", "sglang.srt.server_args:ServerArgs.resolve_once",
@@ -146,7 +113,7 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     TouchPoint("TP rank", "sglang.srt.distributed.parallel_state:get_tensor_model_parallel_rank",
                "mla_plugin_gla: which latent slices this rank holds", exists()),
     TouchPoint("column-parallel linear", "sglang.srt.layers.linear:ColumnParallelLinear",
-               "mla_plugin_gla, grouped softmax at TP > 1: q_proj split by heads with the latent",
+               "mla_plugin_gla, grouped softmax at TP > 1: q_proj (low rank: q_b_proj) split by heads with the latent",
                takes("input_size", "output_size", "bias", "prefix")),
     TouchPoint("row-parallel linear", "sglang.srt.layers.linear:RowParallelLinear",
                "mla_plugin_gla, grouped softmax at TP > 1: o_proj over the rank's heads (reduce_results=False: "
@@ -159,6 +126,26 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                takes("rope_scaling", "is_neox_style")),
     TouchPoint("configured backend", "sglang.srt.runtime_context:attention_backends",
                "mla_plugin_gla: is it this process's (prefill, decode) backend", exists()),
+    # the low-rank query (q_lora_rank) in mla_plugin_gla, and DeepSeek-V2/V3 MoE configs
+    TouchPoint("replicated linear", "sglang.srt.layers.linear:ReplicatedLinear",
+               "mla_plugin_gla: the weights every rank holds whole (fused_qkv_a_proj_with_mqa, kv_a_proj_with_mqa, "
+               "kv_b_proj's rank block; q_proj and o_proj unless grouped)",
+               takes("input_size", "output_size", "bias", "prefix")),
+    TouchPoint("RMSNorm", "sglang.srt.layers.layernorm:RMSNorm",
+               "mla_plugin_gla: q_a_layernorm of the low-rank query (called); kv_a_layernorm (its γ, folded)",
+               has("forward")),
+    TouchPoint("fused q_a/kv_a loading", f"{_DEEPSEEK}.deepseek_weight_loader:DeepseekV2WeightLoaderMixin",
+               "mla_plugin_gla, q_lora_rank set: SGLang's loader stacks q_a_proj and kv_a_proj_with_mqa into our "
+               "fused_qkv_a_proj_with_mqa ([d_q + d_c + d_R, d_model], rows in that order)",
+               source_mentions('"fused_qkv_a_proj_with_mqa"', "[q_a_proj_weight, kv_a_proj_weight]")),
+    TouchPoint("decoder layer QKV hook", "sglang.srt.models.deepseek_v2:DeepseekV2DecoderLayer",
+               "mla_plugin_gla: the layer is built with our module's prepare_qkv_latent (the fused rows)",
+               source_mentions("qkv_latent_func=self.self_attn.prepare_qkv_latent")),
+    TouchPoint("DeepSeek MoE config", "sglang.srt.models.deepseek_v2:DeepseekV2MoE",
+               "reads scoring_func, n_group, topk_group (and its gate topk_method): filled where transformers 5 "
+               "configs lack them (registration.DEEPSEEK_CONFIG_DEFAULTS, fill_ungrouped_routing)",
+               source_mentions("scoring_func=config.scoring_func", "num_expert_group=config.n_group",
+                               "topk_group=config.topk_group")),
 )
 
 
@@ -166,31 +153,14 @@ def sglang_version() -> str:
     return metadata.version("sglang")
 
 
-def resolve(internal: str):
-    """The object named ``"module.path:Attribute.sub"`` (ImportError / AttributeError if gone)."""
-    module_name, _, qualname = internal.partition(":")
-    obj = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def problems(point: TouchPoint) -> list[str]:
     """What is wrong with one touch point in the installed SGLang ([] when nothing)."""
-    try:
-        obj = resolve(point.internal)
-    except (ImportError, AttributeError) as exc:
-        return [f"missing ({type(exc).__name__}: {exc})"]
-    try:
-        return point.check(obj)
-    except (TypeError, ValueError) as exc:
-        return [f"cannot be checked ({type(exc).__name__}: {exc})"]
+    return touch_point_checks.problems(point)
 
 
 def verify() -> None:
     """Check every touch point; one error naming the SGLang version and what moved."""
-    moved = [f"  - {p.name} ({p.internal}, {p.use}): {'; '.join(found)}"
-             for p in TOUCH_POINTS for found in [problems(p)] if found]
+    moved = touch_point_checks.moved_lines(TOUCH_POINTS, problems)
     if moved:
         raise SGLangTouchPointError(
             f"mla_plugin cannot run on SGLang {sglang_version()}: {len(moved)} SGLang internal(s) it relies "
@@ -202,6 +172,4 @@ def verify() -> None:
 
 def readme_table() -> str:
     """The Markdown table in README.md's "How the plugin reaches into SGLang"."""
-    rows = ["| touch point | SGLang internal | what the plugin does |", "|---|---|---|"]
-    rows += [f"| {p.name} | `{p.internal}` | {p.use} |" for p in TOUCH_POINTS]
-    return "\n".join(rows)
+    return touch_point_checks.readme_table(TOUCH_POINTS, "SGLang")

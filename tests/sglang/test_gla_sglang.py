@@ -29,7 +29,7 @@ import subprocess
 import pytest
 
 from tests.conftest import seed_for
-from tests.sglang.helpers import DEEPSEEK, REPO, TP2_ENV, prompt_ids, run_sglang_engines
+from tests.sglang.helpers import DEEPSEEK, REPO, TP2_ENV, prompt_ids, run_sglang_engines, trace_by_pid
 from tests.vllm.engines import assert_matches_transformers, assert_same_logprobs
 from tests.vllm.projection_checkpoint import make_projection_checkpoint
 
@@ -47,16 +47,6 @@ def overrides(**options) -> str:
 # The converter's defaults for --shards 2 --softmax partitioned (Hadamard basis, logit scale g), at load time.
 PARTITIONED = overrides(shards=2, softmax="partitioned", basis="hadamard")
 GROUPED = overrides(shards=2, softmax="grouped")  # the heads split with the latent at TP > 1
-
-
-def trace_by_pid(trace) -> dict[str, list[str]]:
-    """Trace lines of our SGLang backends, by process, in the order the processes first wrote."""
-    out: dict[str, list[str]] = {}
-    for line in trace.read_text().splitlines() if trace.exists() else []:
-        match = re.search(r" sglang (?:extend|decode) pid=(\d+) ", line)
-        if match:
-            out.setdefault(match.group(1), []).append(line)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -66,9 +66,12 @@ def test_bad_plans_are_clear_errors(options, tp_size, tp_rank, message):
         plan_for(_config(**options), tp_size=tp_size, tp_rank=tp_rank)
 
 
-def test_q_lora_checkpoints_are_refused():
-    with pytest.raises(NotImplementedError, match="q_lora_rank = null"):
-        plan_for(SimpleNamespace(q_lora_rank=64, kv_lora_rank=16, num_attention_heads=4), tp_size=1)
+def test_q_lora_checkpoints_are_planned_and_bad_ranks_refused():
+    """A low-rank query changes nothing in the plan (tests/unit/test_low_rank_query.py)."""
+    plan = plan_for(SimpleNamespace(q_lora_rank=64, kv_lora_rank=16, num_attention_heads=4), tp_size=1)
+    assert plan == plan_for(_config(), tp_size=1)
+    with pytest.raises(ValueError, match="q_lora_rank must be null or a positive integer"):
+        plan_for(SimpleNamespace(q_lora_rank=0, kv_lora_rank=16, num_attention_heads=4), tp_size=1)
 
 
 def test_vocabularies_are_the_options_and_the_cli_choices():

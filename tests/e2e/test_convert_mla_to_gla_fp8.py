@@ -1,0 +1,193 @@
+"""mla-to-gla on fp8 block-quantised DeepSeek-V3 sources, and calibrated V3 conversions.
+
+The fp8 sources are made here (mla_plugin/fixtures/fp8_checkpoints.py) from tiny V3 checkpoints
+(low-rank query, MoE): attention, MLP and expert projections in float8_e4m3fn with 128 x 128
+block scales (the tiny shapes give edge blocks: 576 rows of kv_a_proj_with_mqa, 64-wide experts).
+References: transformers (5.19 dequantises fp8 checkpoints on CPU) and the fixture's own float32
+dequantisation of the fp8 source (an independent block expansion, not the converter's).
+
+transformers 5.19 refuses an fp8 weight whose shape is not a multiple of its block ("Weight
+shape (576, 128) not divisible by scale grid (5, 1)"), as DeepSeek-V3's own kv_a_proj_with_mqa
+(576 x 7168) is: the default tiny V3 source is therefore compared through the fixture's
+dequantisation, and a second source with rope 128 (kv_a_proj_with_mqa 640 rows) through
+transformers loading the fp8 checkpoint itself. The converted checkpoints load in both cases
+(the folded weights are bf16). transformers needs `accelerate` to load any fp8 checkpoint
+(requirements-cpu.txt).
+"""
+
+import json
+
+import pytest
+import torch
+
+from mla_plugin.convert.mla_to_gla import convert_mla_to_gla
+from mla_plugin.fixtures.fp8_checkpoints import (
+    all_tensor_names,
+    dequantised_checkpoint,
+    make_fp8_checkpoint,
+    raw_tensor_bytes,
+)
+from mla_plugin.fixtures.tiny_models import make_tiny_deepseek_family
+from tests.conftest import seed_for
+from tests.converters import calibration_text
+
+# bf16 storage of the folded weights (8-bit mantissa) against float32 logprobs of the fp8 source:
+# measured about 0.02 at most on these models; quantising to fp8 moves them by about 1.
+BF16_LOGPROB_TOL = 0.06
+FP8_EFFECT_MIN = 0.3
+REWRITTEN = ("kv_a_proj_with_mqa", "kv_b_proj", "q_a_proj")  # per layer, written in bf16
+V3_ROUTING = dict(topk_method="noaux_tc", scoring_func="sigmoid")  # as V3's config.json says (vLLM reads them)
+
+
+def _run(path, ids, *, remote=False):
+    """transformers' log-softmax [B, T, V] and the experts its MoE layer (layer 1) picked per token [B, T, k]."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=remote).eval()
+    picked = []
+    model.model.layers[1].mlp.gate.register_forward_hook(lambda m, args, out: picked.append(out[2].sort(-1)[0]))
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits.double(), -1)
+    return logprobs, picked[0].reshape(*ids.shape, -1)
+
+
+def _logprobs(path, ids, *, remote=False):
+    return _run(path, ids, remote=remote)[0]
+
+
+def assert_close_where_routed_alike(a, b, tol):
+    """Logprobs within ``tol`` at every token the MoE layer routed to the same experts in both runs.
+
+    Rounding the rewritten weights to bf16 moves the router's scores a little, and where two experts'
+    scores are nearly tied the top-k choice flips: that token's output jumps (the MoE layer is the
+    last, so only that token). Such flips must stay rare (at most 1 token in 8); every other token is
+    held to the bf16 tolerance."""
+    (lp_a, experts_a), (lp_b, experts_b) = a, b
+    alike = (experts_a == experts_b).all(-1)  # [B, T]
+    assert alike.float().mean().item() >= 7 / 8, f"routing differs at {(~alike).sum().item()} tokens"
+    worst = (lp_a - lp_b).abs().amax(-1)[alike].max().item()  # over the vocabulary and alike tokens
+    assert worst < tol, worst
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory, request):
+    """{"bf16": original fp32 V3, "fp8": its fp8 version, "reference": the fp8 one dequantised (fp32)}."""
+    root = tmp_path_factory.mktemp("fp8_sources")
+    seed = seed_for(request.node.nodeid) % 1000
+    original = make_tiny_deepseek_family(root / "bf16", "deepseek_v3", seed=seed, q_lora_rank=64, moe=True,
+                                         **V3_ROUTING)
+    fp8 = make_fp8_checkpoint(original, root / "fp8")
+    return {"bf16": original, "fp8": fp8, "reference": dequantised_checkpoint(fp8, root / "reference")}
+
+
+@pytest.fixture
+def ids(rng):
+    return torch.randint(3, 4096, (2, 20), generator=rng)  # [batch, tokens], fresh each run
+
+
+def test_fp8_fixture_is_deepseek_v3_format(sources):
+    names = all_tensor_names(sources["fp8"])
+    for name in ("model.layers.0.self_attn.kv_a_proj_with_mqa.weight", "model.layers.1.mlp.experts.2.up_proj.weight",
+                 "model.layers.1.mlp.shared_experts.down_proj.weight", "model.layers.0.mlp.gate_proj.weight"):
+        assert raw_tensor_bytes(names[name], name)[0] == "F8_E4M3"
+        dtype, shape, _ = raw_tensor_bytes(names[name + "_scale_inv"], name + "_scale_inv")
+        weight_shape = raw_tensor_bytes(names[name], name)[1]
+        assert dtype == "F32" and shape == [-(-weight_shape[0] // 128), -(-weight_shape[1] // 128)]
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight",
+                 "model.layers.1.self_attn.kv_a_layernorm.weight"):
+        assert raw_tensor_bytes(names[name], name)[0] == "BF16" and name + "_scale_inv" not in names
+    assert json.loads((sources["fp8"] / "config.json").read_text())["quantization_config"]["weight_block_size"] == [
+        128, 128]
+
+
+def test_exact_conversion_of_an_fp8_source(sources, tmp_path, ids):
+    out = tmp_path / "out"
+    report = convert_mla_to_gla(sources["fp8"], out, shards=2, softmax="exact", show_progress=False)
+    before, after = all_tensor_names(sources["fp8"]), all_tensor_names(out)
+    rewritten = {f"model.layers.{i}.self_attn.{kind}.weight" for i in range(2) for kind in REWRITTEN}
+    scales = {name + "_scale_inv" for name in rewritten}
+    # the rewritten weights are bf16 without their block scales; every other tensor is byte for byte
+    assert set(after) == set(before) - scales
+    for name in rewritten:
+        assert raw_tensor_bytes(after[name], name)[0] == "BF16"
+    untouched = [n for n in after if n not in rewritten and not n.endswith("kv_a_layernorm.weight")]
+    assert len(untouched) == len(before) - 2 * len(rewritten) - 2
+    assert any(raw_tensor_bytes(after[n], n)[0] == "F8_E4M3" for n in untouched)
+    assert [n for n in untouched if raw_tensor_bytes(before[n], n) != raw_tensor_bytes(after[n], n)] == []
+    assert any("dequantised" in note for note in report.notes)
+
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    modules = sorted({n[: -len(".weight")] for n in rewritten} | {"lm_head"})
+    assert quant["modules_to_not_convert"] == quant["ignored_layers"] == modules
+    assert quant["quant_method"] == "fp8" and quant["weight_block_size"] == [128, 128]
+
+    # transformers: the converted checkpoint (fp8 experts etc. dequantised on load) = the fp8 source's
+    # function, within bf16 storage of the rewritten weights; far from the unquantised original
+    reference = _run(sources["reference"], ids)
+    converted = _run(out, ids)
+    assert_close_where_routed_alike(converted, reference, BF16_LOGPROB_TOL)
+    assert (converted[0] - _logprobs(sources["bf16"], ids)).abs().max().item() > FP8_EFFECT_MIN
+
+
+def test_transformers_loads_the_fp8_source_itself(tmp_path, ids, request):
+    """With every quantised shape a multiple of the block (or below it), transformers loads the fp8
+    checkpoint: it equals the fixture's dequantisation (so it really read the fp8 weights, no random
+    init), and the exact conversion equals it within bf16 tolerance."""
+    seed = seed_for(request.node.nodeid) % 1000
+    original = make_tiny_deepseek_family(tmp_path / "bf16", "deepseek_v3", seed=seed, qk_rope_head_dim=128)
+    fp8 = make_fp8_checkpoint(original, tmp_path / "fp8")
+    source = _run(fp8, ids)
+    assert (source[0] - _logprobs(dequantised_checkpoint(fp8, tmp_path / "ref"), ids)).abs().max().item() < 1e-5
+    assert (source[0] - _logprobs(original, ids)).abs().max().item() > FP8_EFFECT_MIN
+    convert_mla_to_gla(fp8, tmp_path / "out", shards=2, softmax="exact", basis="pca", show_progress=False)
+    assert_close_where_routed_alike(_run(tmp_path / "out", ids), source, BF16_LOGPROB_TOL)
+
+
+CALIBRATED = {  # one calibrated mode per source kind (each runs the transformers capture once)
+    "bf16": dict(softmax="partitioned", basis="pca-act", calibrate="logit+output"),
+    "fp8": dict(softmax="grouped", basis="group-pca", calibrate="logit"),
+}
+
+
+@pytest.mark.parametrize("source_kind", sorted(CALIBRATED))
+def test_calibrated_conversion_of_a_v3_source(sources, tmp_path, ids, source_kind):
+    """Calibration (transformers capture) on a V3 source with the low-rank query and MoE, fp32 (partitioned,
+    λ and μ fitted in the activation-PCA basis) or fp8 (grouped with per-group subspaces; the capture runs
+    on a dequantised scratch copy). The fit does not raise the head-output error; the result loads, stays
+    near the source, and the experts come through byte for byte."""
+    src, settings = sources[source_kind], CALIBRATED[source_kind]
+    reference = _run(sources["reference" if source_kind == "fp8" else "bf16"], ids)
+    out = tmp_path / "out"
+    convert_mla_to_gla(src, out, shards=2, calib_text=calibration_text(), calib_tokens=512, calib_window=128,
+                       show_progress=False, **settings)
+    record = json.loads((out / "config.json").read_text())["mla_plugin"]["converted_with"]
+    assert record["calibrate"] == settings["calibrate"] and record["calib_tokens"] == 512
+    assert record["attention_output_error_after"] <= record["attention_output_error_before"] + 1e-6
+    assert not list(tmp_path.glob(".mla-plugin-dequantised-*"))  # the fp8 scratch copy is gone
+    expert = "model.layers.1.mlp.experts.1.down_proj.weight"
+    assert raw_tensor_bytes(all_tensor_names(out)[expert], expert) == raw_tensor_bytes(
+        all_tensor_names(src)[expert], expert)
+    converted = _run(out, ids, remote=True)
+    assert torch.isfinite(converted[0]).all()
+    # partitioned with fitted scales stays near the source; group-pca at g = 2 of d_c 512 (4 heads) is exact
+    # up to the bf16 storage
+    tol = 1.0 if settings["softmax"] == "partitioned" else BF16_LOGPROB_TOL
+    assert_close_where_routed_alike(converted, reference, tol)
+
+
+def test_transformers_keeps_exactly_the_rewritten_modules_unquantised(sources, tmp_path):
+    """transformers' FP8 quantizer (on a GPU: FP8Linear for every linear it converts) reads the converted
+    config's modules_to_not_convert: the rewritten modules and lm_head stay nn.Linear, the rest is fp8."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers.quantizers_utils import should_convert_module
+    from transformers.utils.quantization_config import FineGrainedFP8Config
+
+    convert_mla_to_gla(sources["fp8"], tmp_path / "out", shards=2, softmax="exact", show_progress=False)
+    config = AutoConfig.from_pretrained(str(tmp_path / "out"))
+    skip = FineGrainedFP8Config.from_dict(config.quantization_config).modules_to_not_convert
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    linear = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear or n.endswith(".experts")]
+    kept = {n for n in linear if not should_convert_module(n, skip)}
+    assert kept == {f"model.layers.{i}.self_attn.{kind}" for i in range(2) for kind in REWRITTEN} | {"lm_head"}
+    assert "model.layers.1.mlp.experts" in linear and "model.layers.1.self_attn.q_b_proj" in linear
