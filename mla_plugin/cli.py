@@ -166,7 +166,8 @@ def _cmd_convert_mla_to_gla(args) -> int:
                                     rmsnorm=args.rmsnorm, basis=args.basis, logit_scale=logit_scale,
                                     calib_text=args.calib_text, calibrate=args.calibrate,
                                     calib_tokens=args.calib_tokens, calib_window=args.calib_window,
-                                    allow_eval_text=args.allow_eval_text)
+                                    allow_eval_text=args.allow_eval_text,
+                                    dequantize=args.dequantize)
     except ConversionError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -271,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     to_gla.add_argument("--calib-window", type=int, default=convert_defaults.MLA_TO_GLA_CALIB_WINDOW,
                         help=f"tokens per calibration window (default {convert_defaults.MLA_TO_GLA_CALIB_WINDOW})")
     to_gla.add_argument("--allow-eval-text", action="store_true", help=ALLOW_EVAL_TEXT_HELP)
+    to_gla.add_argument("--dequantize", action="store_true",
+                        help="fp8 block-quantised source: write every fp8 weight (experts, q_b_proj, o_proj, ...) "
+                             "in bf16, drop the block scales and quantization_config, so mla_plugin_gla serves "
+                             "the output (it runs unquantised weights only); no-op for an unquantised source")
     to_gla.set_defaults(func=_cmd_convert_mla_to_gla)
 
     to_mla = convert.add_parser(

@@ -26,7 +26,10 @@ are copied tensor by tensor, byte for byte. fp8 block-quantised sources (fp8_blo
 the tensors folded here are dequantised, folded in float64 and written in bfloat16 without
 their weight_scale_inv, and so is q_a_proj (vLLM fuses it with kv_a_proj_with_mqa, and a
 fused layer is quantised whole or not at all); the config's quantization_config lists
-them as not quantised; every other tensor is copied bit for bit.
+them as not quantised; every other tensor is copied bit for bit. With ``dequantize`` every
+fp8 weight (experts, q_b_proj, o_proj, ...) is dequantised too and written in bfloat16, tensor
+by tensor, its weight_scale_inv read by name wherever the index puts it; all block scales are
+dropped and quantization_config removed: an unquantised checkpoint mla_plugin_gla serves.
 
 Streaming (pipeline.py): tensors are read and written one at a time; only the attention
 latent weights of all layers (small) are held while the rest is copied. Calibration
@@ -369,14 +372,16 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_
                        calibrate: str = defaults.MLA_TO_GLA_CALIBRATE,
                        calib_tokens: int = defaults.MLA_TO_GLA_CALIB_TOKENS,
                        calib_window: int = defaults.MLA_TO_GLA_CALIB_WINDOW, allow_eval_text: bool = False,
-                       show_progress: bool = True) -> ConversionReport:
+                       dequantize: bool = False, show_progress: bool = True) -> ConversionReport:
     """Rewrite checkpoint ``src`` into ``dst`` for the sharded-latent layout with g = ``shards``.
 
     ``basis="pca-act"`` and ``calibrate`` ("logit": fit λ per (layer, head, slice);
     "logit+output": λ and μ) need ``calib_text``, of which at most ``calib_tokens`` tokens
     are used in windows of ``calib_window``; they load the source model once with
     transformers (float32, whole model in memory). The evaluation text (the wikitext-2 test
-    split, recognised by content) is refused as ``calib_text`` unless ``allow_eval_text``. The defaults are `mla-plugin convert
+    split, recognised by content) is refused as ``calib_text`` unless ``allow_eval_text``. ``dequantize``:
+    an fp8 source's every fp8 weight is written in bfloat16, its block scales and quantization_config
+    dropped (a no-op, noted in the report, for a source with no fp8 weights). The defaults are `mla-plugin convert
     mla-to-gla`'s (convert/defaults.py). ``dst`` appears whole or not at all (convert/destination.py).
     """
     source, dst = read_source(src), Path(dst)
@@ -405,9 +410,10 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_
         calib_record, notes = {"calibrate": "none"}, []
     # fp8 weights rewritten here are written unquantised: their block scales go (fp8_blocks.py)
     unquantised = {name for name in replaced if name in source.tensors and is_quantised(source.tensors[name].dtype)}
-    dropped = {name + SCALE_SUFFIX for name in unquantised}
+    dequantised = _dequantised_weights(source, fp8, replaced) if dequantize else set()
+    dropped = {name + SCALE_SUFFIX for name in unquantised | dequantised}
     dst.mkdir(parents=True, exist_ok=True)
-    copied = _write_weights(source, dst, replaced, progress, dropped)
+    copied = _write_weights(source, dst, replaced, progress, dropped, dequantised, _weight_reader(source, fp8))
     # the index too (names and files are kept), unless tensors join or leave it: then it is rewritten
     added = {name for name in replaced if name not in source.tensors}
     renamed = (added or dropped) and source.has_index
@@ -416,7 +422,9 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_
         write_index(dst, {name: entry.path.name for name, entry in source.tensors.items() if name not in dropped}
                     | {name: _file_of_layer(source, name).name for name in added})
     config = _output_config(source.config, runtime, plan, basis, calib_record)
-    if unquantised:
+    if dequantize:
+        notes = notes + [_dequantize_note(config, unquantised, dequantised, dropped)]
+    elif unquantised:
         config["quantization_config"] = unquantised_config(
             config["quantization_config"], {name[: -len(".weight")] for name in unquantised})
         notes = notes + [f"fp8 source: {len(unquantised)} rewritten weights dequantised and written in "
@@ -431,6 +439,30 @@ def convert_mla_to_gla(src, dst, *, shards: int, softmax: str = defaults.MLA_TO_
         kv_values_per_token_per_layer_per_rank_after=d_c // plan.shards + d_r,
         changed_tensors=len(replaced), copied_tensors=copied, notes=notes,
     )
+
+
+def _dequantised_weights(source: SourceCheckpoint, fp8: BlockFp8 | None, replaced: dict) -> set[str]:
+    """The fp8 weights ``dequantize`` writes in bfloat16 besides the rewritten ones; each checked to have
+    its block scale (anywhere in the index) before anything is written."""
+    names = {name for name, entry in source.tensors.items() if is_quantised(entry.dtype) and name not in replaced}
+    lacking = sorted(name for name in names if name + SCALE_SUFFIX not in source.tensors)
+    fix = "--dequantize reads DeepSeek-V3's fp8 block format"
+    if names and fp8 is None:
+        raise ConversionError(f"{source.path}: {len(names)} weight(s) are fp8 (e.g. {sorted(names)[0]}) but "
+                              f"config.json has no quantization_config; {fix}: restore it")
+    if lacking:
+        raise ConversionError(f"{source.path}: {len(lacking)} fp8 weight(s) lack their {SCALE_SUFFIX} block scale "
+                              f"(e.g. {lacking[0]}); {fix}: restore them")
+    return names
+
+
+def _dequantize_note(config: dict, unquantised: set[str], dequantised: set[str], dropped: set[str]) -> str:
+    """``dequantize``: quantization_config removed from ``config``; the report line."""
+    if config.pop("quantization_config", None) is None:
+        return "--dequantize: the source has no fp8 weights; nothing to dequantise (the output is unquantised)"
+    return (f"--dequantize: every fp8 weight ({len(unquantised | dequantised)}: {len(unquantised)} rewritten, "
+            f"{len(dequantised)} copied) written in {str(UNQUANTISED_DTYPE).removeprefix('torch.')}, their "
+            f"{len(dropped)} block scales dropped, quantization_config removed")
 
 
 def _runtime_options(source: SourceCheckpoint, *, shards: int, softmax: str, rmsnorm: str,
@@ -489,10 +521,11 @@ def _file_of_layer(source: SourceCheckpoint, name: str) -> Path:
 
 
 def _write_weights(source: SourceCheckpoint, dst: Path, replaced: dict[str, torch.Tensor], progress,
-                   dropped: set[str] = frozenset()) -> int:
+                   dropped: set[str] = frozenset(), dequantised: set[str] = frozenset(), read=None) -> int:
     """Every source file rewritten under its own name, the replaced tensors swapped in (in their new
-    dtype), ``dropped`` ones left out, and new ones (group-pca's latent_projection) added to the file of
-    their layer's kv_b_proj; returns the number of tensors copied unchanged (byte for byte)."""
+    dtype), ``dropped`` ones left out, ``dequantised`` ones read through ``read`` (float64, one at a time)
+    and written in bfloat16, and new ones (group-pca's latent_projection) added to the file of their
+    layer's kv_b_proj; returns the number of tensors copied unchanged (byte for byte)."""
     copied = 0
     added = [name for name in replaced if name not in source.tensors]
     for path in progress(source.files, desc="write"):
@@ -500,11 +533,15 @@ def _write_weights(source: SourceCheckpoint, dst: Path, replaced: dict[str, torc
         for name in replaced:
             if name in entries or (name in added and _file_of_layer(source, name) == path):
                 entries[name] = (replaced[name].dtype, list(replaced[name].shape))
+        for name in dequantised & entries.keys():
+            entries[name] = (UNQUANTISED_DTYPE, entries[name][1])
 
         def tensor_for(name, path=path):
             nonlocal copied
             if name in replaced:
                 return replaced[name]
+            if name in dequantised:
+                return read(name).to(UNQUANTISED_DTYPE)
             copied += 1
             return read_tensor(path, name)
 

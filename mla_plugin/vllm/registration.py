@@ -117,8 +117,8 @@ def validate_request(vllm_config, name: str) -> None:
             raise ValueError(
                 f"--attention-backend {name.lower()} runs unquantised attention weights so far, and "
                 f"{model_config.model!r} is quantised ({quantization}). An unconverted checkpoint: serve "
-                f"it with --attention-backend {MLA_BACKEND_NAME.lower()}. A converted one: convert from "
-                "a bf16 copy of the source instead."
+                f"it with --attention-backend {MLA_BACKEND_NAME.lower()}. A converted one: convert the "
+                "fp8 source again with `mla-plugin convert mla-to-gla --dequantize` (every weight in bf16)."
             )
         plan_for(hf_config, tp_size=vllm_config.parallel_config.tensor_parallel_size)
 

@@ -16,6 +16,7 @@ transformers loading the fp8 checkpoint itself. The converted checkpoints load i
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -23,8 +24,10 @@ import torch
 from mla_plugin.convert.mla_to_gla import convert_mla_to_gla
 from mla_plugin.fixtures.fp8_checkpoints import (
     all_tensor_names,
+    dequantise_reference,
     dequantised_checkpoint,
     make_fp8_checkpoint,
+    move_scales_to_their_own_file,
     raw_tensor_bytes,
 )
 from mla_plugin.fixtures.tiny_models import make_tiny_deepseek_family
@@ -191,3 +194,78 @@ def test_transformers_keeps_exactly_the_rewritten_modules_unquantised(sources, t
     kept = {n for n in linear if not should_convert_module(n, skip)}
     assert kept == {f"model.layers.{i}.self_attn.{kind}" for i in range(2) for kind in REWRITTEN} | {"lm_head"}
     assert "model.layers.1.mlp.experts" in linear and "model.layers.1.self_attn.q_b_proj" in linear
+
+
+def _read(folder, name):
+    from mla_plugin.convert.safetensors_stream import read_tensor
+
+    return read_tensor(all_tensor_names(folder)[name], name)
+
+
+def test_dequantize_writes_every_fp8_weight_in_bf16(sources, tmp_path, capsys):
+    """--dequantize (CLI): no fp8 tensor, no block scale, no quantization_config left, the index rewritten;
+    every copied fp8 weight = its float64 dequantisation (the fixture's block expansion) rounded to bf16,
+    exactly, its scale read from another file; the folded ones = the fp32 reference's conversion in bf16;
+    the rest byte for byte."""
+    from mla_plugin.cli import main
+
+    with pytest.raises(SystemExit) as shown:
+        main(["convert", "mla-to-gla", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert shown.value.code == 0 and "--dequantize" in help_text
+    assert "drop the block scales and quantization_config" in help_text
+    src = move_scales_to_their_own_file(shutil.copytree(sources["fp8"], tmp_path / "src"))
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    assert main(["convert", "mla-to-gla", str(src), str(out), "--shards", "2", "--softmax", "exact",
+                 "--dequantize"]) == 0
+    assert "--dequantize: every fp8 weight" in capsys.readouterr().out
+    convert_mla_to_gla(sources["reference"], ref, shards=2, softmax="exact", show_progress=False)
+
+    before, after = all_tensor_names(src), all_tensor_names(out)
+    assert set(after) == {n for n in before if not n.endswith("_scale_inv")}
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert index == {n: p.name for n, p in after.items()}
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert {raw_tensor_bytes(after[n], n)[0] for n in after} == {"BF16"}  # no F8_E4M3 left, nothing else widened
+    folded = {f"model.layers.{i}.self_attn.{k}.weight" for i in range(2)
+              for k in ("kv_a_proj_with_mqa", "kv_b_proj", "kv_a_layernorm")}
+    fp8 = [n for n in before if raw_tensor_bytes(before[n], n)[0] == "F8_E4M3"]
+    assert len(fp8) > 20 and before[fp8[0]] != before[fp8[0] + "_scale_inv"]  # scales in the other file
+    for name in fp8:
+        if name not in folded:
+            expected = dequantise_reference(_read(src, name), _read(src, name + "_scale_inv"), dtype=torch.float64)
+            assert torch.equal(_read(out, name), expected.to(torch.bfloat16)), name
+    for name in folded:
+        torch.testing.assert_close(_read(out, name).float(), _read(ref, name).to(torch.bfloat16).float(),
+                                   rtol=2 ** -7, atol=1e-6)
+    for name in set(after) - folded - set(fp8):
+        assert raw_tensor_bytes(before[name], name) == raw_tensor_bytes(after[name], name), name
+
+
+def test_dequantize_on_an_unquantised_source_is_a_noted_no_op(sources, tmp_path):
+    """A bf16/fp32 source has nothing to dequantise: the same output as without the flag, and a note."""
+    plain = convert_mla_to_gla(sources["bf16"], tmp_path / "a", shards=2, show_progress=False)
+    flagged = convert_mla_to_gla(sources["bf16"], tmp_path / "b", shards=2, dequantize=True, show_progress=False)
+    assert any("nothing to dequantise" in note for note in flagged.notes) and plain.notes == []
+    names = all_tensor_names(tmp_path / "a")
+    for name, path in all_tensor_names(tmp_path / "b").items():
+        assert raw_tensor_bytes(path, name) == raw_tensor_bytes(names[name], name), name
+
+
+def test_dequantize_refuses_an_fp8_weight_without_its_scale_before_writing(sources, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mla_plugin.convert.pipeline import ConversionError
+
+    src = move_scales_to_their_own_file(shutil.copytree(sources["fp8"], tmp_path / "src"))
+    lost = "model.layers.1.mlp.experts.3.down_proj.weight_scale_inv"
+    scales_file = src / "model-00002-of-00002.safetensors"
+    scales = load_file(str(scales_file))
+    del scales[lost]
+    save_file(scales, str(scales_file), metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    del index["weight_map"][lost]
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConversionError, match=r"1 fp8 weight\(s\) lack their _scale_inv.*experts\.3\.down_proj"):
+        convert_mla_to_gla(src, tmp_path / "out", shards=2, dequantize=True, show_progress=False)
+    assert not (tmp_path / "out").exists()

