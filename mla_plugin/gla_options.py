@@ -196,11 +196,6 @@ class ShardingPlan:
         """This rank's first (global) head."""
         return self.tp_rank * self.local_heads if self.heads_split else 0
 
-    def query_rows(self, qk_head_dim: int) -> slice:
-        """The rows of the per-head query weight (QueryProjection.per_head_weight,
-        [H (d_nope + d_R), ·]) this rank holds: its heads' when the heads are split, else all."""
-        return slice(self.head_offset * qk_head_dim, (self.head_offset + self.local_heads) * qk_head_dim)
-
     @property
     def up_projection_columns(self) -> slice:
         """The columns of kv_b_proj [.., d_c] this rank loads: only its slices when the heads are
@@ -239,8 +234,9 @@ class ShardingPlan:
 def plan_for(hf_config, *, tp_size: int, tp_rank: int = 0) -> ShardingPlan:
     """The validated plan of a DeepSeek-V2/V3-style config for one rank (clear errors).
 
-    Either query projection (:func:`query_projection_of`) is fine: the plan splits the per-head
-    query rows by heads in grouped mode (``ShardingPlan.query_rows``) and nothing else of it."""
+    Either query projection (:func:`query_projection_of`) is fine: in grouped mode the per-head
+    query rows are split by heads (the frameworks' column-parallel layer, like q_proj), and
+    nothing else of the query is."""
     query_projection_of(hf_config)  # validates q_lora_rank
     options = ShardedLatentOptions.from_config(getattr(hf_config, CONFIG_KEY, None))
     return options.resolve(latent_dim=hf_config.kv_lora_rank, num_heads=hf_config.num_attention_heads,
@@ -257,9 +253,8 @@ class QueryProjection:
                                                       ``q_a_layernorm`` [d_q], ``q_b_proj`` [H (d_nope + d_R), d_q]
 
     For the sharded latent the low-rank query is q_proj with a replicated front: the per-head
-    rows (``per_head_weight``) are what a rank splits by heads in grouped mode
-    (``ShardingPlan.query_rows``) and holds whole otherwise; W_DQ and its norm
-    (``replicated_weights``) are whole on every rank, like W_DKV. Frameworks may fuse W_DQ with
+    rows (``per_head_weight``) are what a rank splits by heads in grouped mode and holds whole
+    otherwise; W_DQ and its norm are whole on every rank, like W_DKV. Frameworks may fuse W_DQ with
     kv_a_proj_with_mqa (vLLM: ``fused_qkv_a_proj``, rows [q_a_proj; kv_a_proj_with_mqa]).
     Framework-neutral: names and sizes only.
     """
@@ -274,11 +269,6 @@ class QueryProjection:
     def per_head_weight(self) -> str:
         """The checkpoint module whose rows are per-head queries [H (d_nope + d_R), ·]."""
         return "q_b_proj" if self.is_low_rank else "q_proj"
-
-    @property
-    def replicated_weights(self) -> tuple[str, ...]:
-        """The query's checkpoint modules every rank holds whole (its down-projection and norm)."""
-        return ("q_a_proj", "q_a_layernorm") if self.is_low_rank else ()
 
     def per_head_input_dim(self, hidden_size: int) -> int:
         """The input width of ``per_head_weight``: d_q when low rank, else d_model."""

@@ -1,5 +1,5 @@
 """The low-rank query (q_lora_rank) in the sharded latent, without a framework: which weight
-holds the per-head query rows, which rows a rank holds, and the loader of the fused
+holds the per-head query rows, and the loader of the fused
 [q_a_proj; kv_a_proj_with_mqa] parameter."""
 
 from types import SimpleNamespace
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mla_plugin.gla_options import plan_for, query_projection_of
+from mla_plugin.gla_options import query_projection_of
 from mla_plugin.sharded_weights import stacked_rows_weight_loader
 
 
@@ -16,29 +16,16 @@ def _config(q_lora_rank, softmax="exact"):
                            mla_plugin={"shards": 2, "softmax": softmax})
 
 
-def test_query_projection_names_the_per_head_and_replicated_weights():
+def test_query_projection_names_the_per_head_weight():
     low = query_projection_of(_config(24))
-    assert (low.is_low_rank, low.per_head_weight, low.replicated_weights) == (
-        True, "q_b_proj", ("q_a_proj", "q_a_layernorm"))
+    assert (low.is_low_rank, low.per_head_weight) == (True, "q_b_proj")
     assert low.per_head_input_dim(128) == 24
     full = query_projection_of(_config(None))
-    assert (full.is_low_rank, full.per_head_weight, full.replicated_weights) == (False, "q_proj", ())
+    assert (full.is_low_rank, full.per_head_weight) == (False, "q_proj")
     assert full.per_head_input_dim(128) == 128
     for bad in (0, -3, 2.5, True, "64"):
         with pytest.raises(ValueError, match="q_lora_rank must be null or a positive integer"):
             query_projection_of(_config(bad))
-
-
-@pytest.mark.parametrize("softmax", ["exact", "partitioned", "grouped"])
-def test_query_rows_split_by_heads_only_when_the_heads_are(softmax):
-    head_dim = 7
-    ranks = [plan_for(_config(24, softmax), tp_size=2, tp_rank=r) for r in range(2)]
-    rows = [plan.query_rows(head_dim) for plan in ranks]
-    if softmax == "grouped":
-        assert rows == [slice(0, 2 * head_dim), slice(2 * head_dim, 4 * head_dim)]  # disjoint, all heads
-    else:
-        assert rows == [slice(0, 4 * head_dim)] * 2  # every rank all H heads
-    assert plan_for(_config(24, softmax), tp_size=1).query_rows(head_dim) == slice(0, 4 * head_dim)
 
 
 def test_stacked_loader_puts_each_tensor_in_its_rows():
