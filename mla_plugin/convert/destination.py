@@ -34,14 +34,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from mla_plugin.convert.conversion_error import ConversionError
+from mla_plugin.convert.source import read_source
 from mla_plugin.errors import MLAPluginInputError
 
 LOCK_SUFFIX = ".mla-plugin-lock"
 STAGING_SUFFIX = ".mla-plugin-partial"
-
-
-class ConversionError(MLAPluginInputError):
-    """Bad input for a converter: the message says what and how to fix it."""
 
 
 def check_destination(dst: Path) -> None:
@@ -177,8 +175,6 @@ def _is_file_at(fd: int, path: Path) -> bool:
 def _check_written(staging: Path, dst: Path) -> None:
     """The staged checkpoint reads back as a checkpoint: config.json, every safetensors
     header readable and covering its file, every shard the index names present."""
-    from mla_plugin.convert.pipeline import read_source  # pipeline imports this module
-
     if not staging.is_dir():
         raise ConversionError(f"the conversion into {dst} wrote nothing")
     try:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mla_plugin.convert.destination import ConversionError
+from mla_plugin.convert.conversion_error import ConversionError
 
 SCALE_SUFFIX = "_scale_inv"  # "<module>.weight" -> "<module>.weight_scale_inv"
 FP8_DTYPES = (torch.float8_e4m3fn,)

@@ -101,16 +101,6 @@ class LatentPlan:
                 f"keys ({self.nope_key_dim}) and values ({K * d_h}) left after --rope-dim {self.rope_dim}")
 
 
-def source_second_moment(w_k, b_k, w_v, b_v) -> torch.Tensor:
-    """A calibration-free stand-in for S: E[y yᵀ] for inputs x with E[x xᵀ] = I."""
-    w = torch.cat([w_k, w_v]).to(F64)  # [2K·d_h, d_model]
-    s = w @ w.T
-    if b_k is not None or b_v is not None:
-        b = torch.cat([_or_zeros(b_k, w_k.shape[0]), _or_zeros(b_v, w_v.shape[0])]).to(F64)
-        s = s + torch.outer(b, b)
-    return s
-
-
 def _or_zeros(bias, n):
     return torch.zeros(n, dtype=F64) if bias is None else bias.to(F64)
 
