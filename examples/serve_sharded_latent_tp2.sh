@@ -13,9 +13,14 @@
 #     PATH=$PWD/.venv/bin:$PATH bash examples/serve_sharded_latent_tp2.sh [--model DIR] [--port 8000]
 #         [--max-tokens 16] [--prompt TEXT]
 #
-# Default model: the bundled tiny DeepSeek-V2. CPU settings: VLLM_CPU_OMP_THREADS_BIND='0|1'
-# (the CPU cores of rank 0 | rank 1; e.g. '0-7|8-15' on 16 cores), VLLM_CPU_KVCACHE_SPACE=1
-# (GiB of KV cache), --dtype float32 --enforce-eager; on GPUs drop them or set SERVE_EXTRA_ARGS.
+# Default model: the bundled tiny DeepSeek-V2. DEVICE=auto (the default) is cuda where torch sees a
+# GPU, else cpu. On cpu: VLLM_CPU_OMP_THREADS_BIND='0|1' (the CPU cores of rank 0 | rank 1; e.g.
+# '0-7|8-15' on 16 cores), VLLM_CPU_KVCACHE_SPACE=1 (GiB of KV cache) and extra serve flags
+# "--dtype float32 --enforce-eager --max-model-len 512"; on cuda no extra flags (2 GPUs, vLLM's
+# defaults). SERVE_EXTRA_ARGS replaces the extra flags whenever it is set, an empty value meaning none:
+#
+#     SERVE_EXTRA_ARGS="" bash examples/serve_sharded_latent_tp2.sh --model /models/deepseek-v2-lite
+#
 # Exit status 0 when the completion came from the plugin's decode in both ranks.
 set -euo pipefail
 
@@ -40,14 +45,26 @@ if [ -z "$MODEL" ]; then
   MODEL=$(python3 -c 'from mla_plugin.fixtures import trained_fixture; print(trained_fixture("deepseek-v2-tiny"))')
 fi
 
+DEVICE=${DEVICE:-auto}
+if [ "$DEVICE" = auto ]; then
+  DEVICE=$(python3 -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo cpu)
+fi
+case "$DEVICE" in
+  cpu)
+    export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-'0|1'}
+    export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+    DEFAULT_EXTRA_ARGS="--dtype float32 --enforce-eager --max-model-len 512" ;;
+  cuda) DEFAULT_EXTRA_ARGS="" ;;
+  *) echo "error: DEVICE must be auto, cpu or cuda, got '$DEVICE'" >&2; exit 2 ;;
+esac
+# ${VAR-default}: a SERVE_EXTRA_ARGS that is set, even to "", replaces the defaults
+SERVE_EXTRA_ARGS=${SERVE_EXTRA_ARGS-$DEFAULT_EXTRA_ARGS}
+
 WORK=$(mktemp -d -t mla_plugin_serve_XXXXXX)
 LOG=$WORK/server.log
 export MLA_PLUGIN_TRACE_FILE=$WORK/decode-trace.txt  # each process running our decode adds a line
-export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-'0|1'}
-export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
-SERVE_EXTRA_ARGS=${SERVE_EXTRA_ARGS:---dtype float32 --enforce-eager --max-model-len 512}
 
-echo "[1/3] vllm serve $MODEL --host 127.0.0.1 --port $PORT --served-model-name sharded-latent \\"
+echo "[1/3] ($DEVICE) vllm serve $MODEL --host 127.0.0.1 --port $PORT --served-model-name sharded-latent \\"
 echo "          --attention-backend mla_plugin_gla --tensor-parallel-size 2 \\"
 echo "          --hf-overrides '{\"mla_plugin\": {\"softmax\": \"exact\"}}' $SERVE_EXTRA_ARGS"
 echo "      (log: $LOG, removed at the end; its tail is printed if something fails)"

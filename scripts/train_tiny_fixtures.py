@@ -1,4 +1,5 @@
-"""Train the two tiny fixtures committed under mla_plugin/fixtures/trained/.
+"""Train the tiny fixtures committed under mla_plugin/fixtures/trained/ (the packaged demo model,
+deepseek-v2-tiny) and tests/fixtures/trained/ (the tests' llama-gqa-tiny and deepseek-v2-tiny-ratio8).
 
     python scripts/train_tiny_fixtures.py deepseek   # DeepSeek-V2 (MLA), 512 + 64 latent, 8 heads
     python scripts/train_tiny_fixtures.py llama      # Llama, GQA: 8 query heads, 2 KV heads
@@ -27,7 +28,8 @@ from mla_plugin.fixtures.training_text import fixture_token_ids, training_token_
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TEXT = REPO.parent / "shared/data/wikitext-2/valid.tokens.txt"
-OUT_ROOT = REPO / "mla_plugin/fixtures/trained"
+OUT_ROOT = REPO / "mla_plugin/fixtures/trained"  # the packaged fixture
+TEST_OUT_ROOT = REPO / "tests/fixtures/trained"  # the test-only ones
 
 ARCHS = {
     "deepseek": "deepseek-v2-tiny",
@@ -68,7 +70,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("arch", choices=sorted(ARCHS))
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
-    parser.add_argument("--out", type=Path, help="default: mla_plugin/fixtures/trained/<name>")
+    parser.add_argument("--out", type=Path,
+                        help="default: mla_plugin/fixtures/trained/deepseek-v2-tiny, else tests/fixtures/trained/<name>")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -78,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     if "test" in args.text.name:
         parser.error("never train on the test split")
-    out = args.out or OUT_ROOT / ARCHS[args.arch]
+    out = args.out or (OUT_ROOT if args.arch == "deepseek" else TEST_OUT_ROOT) / ARCHS[args.arch]
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)

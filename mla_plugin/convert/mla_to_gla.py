@@ -474,7 +474,15 @@ def _runtime_options(source: SourceCheckpoint, *, shards: int, softmax: str, rms
             logit_scale=logit_scale, layout="sharded_latent", latent_projection=latent_projection))
         return runtime, _check_inputs(source, runtime)
     except ValueError as err:
-        raise ConversionError(str(err)) from None
+        raise ConversionError(_name_flags(str(err))) from None
+
+
+def _name_flags(message: str) -> str:
+    """The options' checks name config keys (``mla_plugin.shards``, for --hf-overrides); here they are flags."""
+    for key in ("shards", "softmax", "rmsnorm", "logit_scale"):
+        message = message.replace(f"{CONFIG_KEY}.{key}=", f"--{key.replace('_', '-')} ")
+        message = message.replace(f"{CONFIG_KEY}.{key}", f"--{key.replace('_', '-')}")
+    return message.replace("shards=", "--shards ")
 
 
 def _check_calibrated_layers(source: SourceCheckpoint) -> None:

@@ -49,7 +49,7 @@ def check_arguments(model, *, engine: str, window: int, max_windows: int | None,
                     score: str = DEFAULT_SCORE) -> None:
     """Refuse bad arguments before any text is read or any engine starts."""
     if engine not in ENGINES:
-        raise MLAPluginInputError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+        raise MLAPluginInputError(f"engine (--engine) must be one of {', '.join(ENGINES)}, got {engine!r}")
     if engine == "sglang":
         from mla_plugin.eval.scoring_sglang import require_sglang
 
@@ -58,14 +58,14 @@ def check_arguments(model, *, engine: str, window: int, max_windows: int | None,
                                       "--score prefill, or --engine vllm / transformers for --score decode")
         require_sglang()
     if score not in SCORE_MODES:
-        raise MLAPluginInputError(f"score must be one of {', '.join(SCORE_MODES)}, got {score!r}")
+        raise MLAPluginInputError(f"score (--score) must be one of {', '.join(SCORE_MODES)}, got {score!r}")
     if dtype not in DTYPES:
-        raise MLAPluginInputError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise MLAPluginInputError(f"dtype (--dtype) must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-        raise MLAPluginInputError(f"window must be an integer of at least 2 tokens, got {window!r}")
+        raise MLAPluginInputError(f"window (--window) must be an integer of at least 2 tokens, got {window!r}")
     if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
                                     or max_windows < 1):
-        raise MLAPluginInputError(f"max_windows must be a positive integer (or omitted for all windows), "
+        raise MLAPluginInputError(f"max_windows (--max-windows) must be a positive integer (or omitted for all windows), "
                                   f"got {max_windows!r}")
     model = str(model)
     if _looks_like_local_path(model):
@@ -113,8 +113,8 @@ def load_text(path: str | Path | None = None) -> str:
         raise TextUnavailableError(
             "wikitext-2-raw-v1 is not available from `datasets` "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}). "
-            "Pass the text with --text FILE, e.g. --text ../shared/data/wikitext-2/test.raw.txt "
-            '(the test split\'s rows joined with "\\n\\n").'
+            'Install it (pip install "mla_plugin[datasets]") where a hub is reachable, or pass the text with '
+            '--text FILE (wikitext-2-raw-v1\'s test split, its rows joined with "\\n\\n").'
         ) from None
     return "\n\n".join(rows)
 

@@ -37,8 +37,8 @@ def require_sglang() -> None:
     if not sglang_available():
         raise MLAPluginInputError(
             "--engine sglang needs SGLang, which is not installed in this Python environment; run "
-            "the command from the SGLang virtualenv instead: `bash scripts/setup.sh` builds it, then "
-            ".venv-sglang/bin/mla-plugin ppl MODEL --engine sglang ...")
+            "mla-plugin from the environment SGLang is installed in (pip install \"mla_plugin[sglang]\" "
+            "installs both), or use --engine vllm / transformers")
 
 
 def _on_cpu() -> bool:

@@ -12,9 +12,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SGLANG_PYTHON = REPO / ".venv-sglang" / "bin" / "python"
-FIXTURES = REPO / "mla_plugin" / "fixtures" / "trained"
-DEEPSEEK = FIXTURES / "deepseek-v2-tiny"
-LLAMA = FIXTURES / "llama-gqa-tiny"
+DEEPSEEK = REPO / "mla_plugin" / "fixtures" / "trained" / "deepseek-v2-tiny"  # packaged (the demo's model)
+LLAMA = REPO / "tests" / "fixtures" / "trained" / "llama-gqa-tiny"  # a test-only fixture
 
 
 def sglang_python() -> Path:

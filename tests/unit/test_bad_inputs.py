@@ -8,6 +8,7 @@ subprocess for a few. No case gets as far as starting vLLM or writing an output 
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -71,7 +72,7 @@ def _replace_weights(src: Path, data: bytes) -> Path:
 
 def _mla_case(src: Path, tmp: Path, phrase: str, *extra: str, dst: Path | None = None, **api) -> Case:
     dst = dst or tmp / "out"
-    options = dict(shards=2, show_progress=False, **api)
+    options = {"shards": 2, "show_progress": False, **api}
     return Case(["convert", "mla-to-gla", str(src), str(dst), "--shards", "2", *extra],
                 lambda: convert_mla_to_gla(src, dst, **options), phrase, dst if not dst.exists() else None)
 
@@ -155,6 +156,14 @@ CASES: dict[str, Callable[[Path], Case]] = {
     "logit-scale-abc": lambda t: _mla_case(
         trained_fixture(MLA), t, "logit_scale (--logit-scale) must be a number or 'auto', got 'abc'",
         "--softmax", "partitioned", "--logit-scale", "abc", softmax="partitioned", logit_scale="abc"),
+    # the options' checks name config keys for --hf-overrides users; the converter names its flags
+    "shards-zero": lambda t: _mla_case(trained_fixture(MLA), t, "--shards must be a positive integer, got 0",
+                                       "--shards", "0", shards=0),
+    "shards-not-dividing-the-latent": lambda t: _mla_case(
+        trained_fixture(MLA), t, "kv_lora_rank 512 is not divisible by --shards 3", "--shards", "3", shards=3),
+    "logit-scale-negative": lambda t: _mla_case(
+        trained_fixture(MLA), t, "--logit-scale must be a positive number, got -1.0", "--logit-scale", "-1",
+        logit_scale=-1.0),
     "dst-is-a-file": lambda t: _mla_case(trained_fixture(MLA), t, "is a file; give a new or empty folder",
                                          dst=_touch(t / "dst-file")),
     "index-names-missing-shard": _index_naming_missing_shard,
@@ -164,11 +173,13 @@ CASES: dict[str, Callable[[Path], Case]] = {
         str(wikitext_file("test.raw.txt")), basis="pca-act", calib_text=wikitext_file("test.raw.txt")),
     "gqa-calib-text-is-eval-text": lambda t: _gqa_case(trained_fixture(GQA), t, "--allow-eval-text",
                                                        _test_split_excerpt(t)),
-    "ppl-max-windows-negative": lambda t: _ppl_case(t, "max_windows must be a positive integer", max_windows=-1),
-    "ppl-max-windows-zero": lambda t: _ppl_case(t, "max_windows must be a positive integer", max_windows=0),
+    "ppl-max-windows-negative": lambda t: _ppl_case(t, "max_windows (--max-windows) must be a positive integer",
+                                                    max_windows=-1),
+    "ppl-max-windows-zero": lambda t: _ppl_case(t, "max_windows (--max-windows) must be a positive integer",
+                                                max_windows=0),
     "ppl-text-not-utf8": lambda t: _ppl_case(t, "is not UTF-8", text=b"caf\xe9 \xff\xfe text\n" * 20),
     "ppl-missing-model-directory": lambda t: _ppl_case(t, "does not exist", model=str(t / "no-such-model")),
-    "ppl-dtype-float33": lambda t: _ppl_case(t, "dtype must be one of float32, bfloat16, float16, got 'float33'",
+    "ppl-dtype-float33": lambda t: _ppl_case(t, "dtype (--dtype) must be one of float32, bfloat16, float16, got 'float33'",
                                              dtype="float33"),
 }
 SUBPROCESS_CASES = ("safetensors-truncated", "logit-scale-abc", "ppl-max-windows-negative")
@@ -190,6 +201,7 @@ def _assert_one_line_error(returncode: int, stderr: str, case: Case) -> None:
     assert "Traceback" not in stderr, stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert case.phrase in lines[0], stderr
+    assert not re.search(r"mla_plugin\.\w", lines[0]), "name the flag, not the config key: " + lines[0]
     if case.dst is not None:
         assert not case.dst.exists(), "bytes were written before the input was refused"
 

@@ -96,7 +96,8 @@ def test_no_text_and_no_hub_is_a_clear_error(tiny_model, monkeypatch):
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert "Pass the text with --text FILE" in proc.stderr
+    assert "pass the text with --text FILE" in proc.stderr and 'pip install "mla_plugin[datasets]"' in proc.stderr
+    assert "../shared" not in proc.stderr  # no path that exists only in this repository
     assert "Traceback" not in proc.stderr + proc.stdout
 
 

@@ -22,8 +22,8 @@ def test_bad_score_is_one_line_and_exit_2(tiny_model, tmp_path, capsys):
     text.write_text(TEXT)
     code = main(["ppl", tiny_model, "--engine", "transformers", "--text", str(text), "--score", "sideways"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err == ["error: score must be one of prefill, decode, got 'sideways'"]
-    with pytest.raises(MLAPluginInputError, match="score must be one of prefill, decode"):
+    assert code == 2 and err == ["error: score (--score) must be one of prefill, decode, got 'sideways'"]
+    with pytest.raises(MLAPluginInputError, match=r"score \(--score\) must be one of prefill, decode"):
         perplexity(tiny_model, engine="transformers", text=TEXT, window=16, score="Decode", show_progress=False)
 
 
