@@ -8,8 +8,10 @@
   this needs ``TRITON_INTERPRET=1`` set before the process starts (Triton's interpreter
   runs the same kernels, slowly: for tests and for checking a GPU path without a GPU).
 
-Any other value is one clear error. ``KERNEL_CALLS`` counts calls per implementation in
-this process: the proof, for tests, that the Triton kernels (not the torch code) ran.
+Any other value is one clear error. ``KERNEL_CALLS`` counts, per implementation, the calls
+of the seam in this process that ran it to the end (the Triton count is taken after its
+kernels were launched); ``trace.KERNEL_TRACE_ENV`` records the same across processes: the
+proof, for tests, that the Triton kernels (not the torch code) ran.
 """
 
 import importlib.util
@@ -18,11 +20,24 @@ from collections import Counter
 
 import torch
 
+from mla_plugin.ops.trace import KERNEL_TRACE_ENV, append_trace
+
 KERNEL_ENV = "MLA_PLUGIN_KERNEL"
 KERNELS = ("torch", "triton")
 
-# Calls of the seam per implementation in this process (tests read it).
+# Calls of the seam per implementation in this process that ran it (tests read it).
 KERNEL_CALLS: Counter = Counter()
+_TRACED: set[tuple[int, str]] = set()
+
+
+def note_kernel_ran(kernel: str) -> None:
+    """Called by each implementation once its work is launched: count it, and on a process's
+    first run of ``kernel`` append ``kernel-ran <kernel> pid=<pid>`` to the kernel trace file."""
+    KERNEL_CALLS[kernel] += 1
+    key = (os.getpid(), kernel)  # per process, also in a forked child that inherited the counts
+    if key not in _TRACED:
+        _TRACED.add(key)
+        append_trace(KERNEL_TRACE_ENV, f"kernel-ran {kernel} pid={os.getpid()}")
 
 
 class KernelChoiceError(ValueError):

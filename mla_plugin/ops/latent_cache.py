@@ -36,7 +36,14 @@ def write_latent_cache(
     """Store each token's latent and rope key in its slot; skip slots < 0.
 
     An fp8 cache stores ``value / σ`` (``quantize_fp8``); other caches store the value
-    (σ must then be absent)."""
+    (σ must then be absent).
+
+    No host synchronisation and no size that depends on a tensor's value (a CUDA graph
+    captures it; vLLM pads a captured decode batch with slot -1): instead of dropping the
+    padded rows, each one is sent to the slot of the first valid row of this call with that
+    row's bytes (``_padding_redirect``), so every duplicate target receives identical bytes
+    and the result is deterministic. With no valid row at all, slot 0 is rewritten with its
+    own current bytes (vLLM's block 0 is its reserved null block)."""
     if cache.numel() == 0:
         return
     d_c = kv_c_normed.shape[-1]
@@ -46,18 +53,43 @@ def write_latent_cache(
         raise ValueError(
             f"latent ({d_c}) + rope ({k_pe.shape[-1]}) != cache row width ({width})"
         )
-    num_tokens = min(kv_c_normed.shape[0], slot_mapping.numel())
-    slots = slot_mapping.reshape(-1)[:num_tokens].to(torch.long)
-    valid = slots >= 0
-    rows = torch.cat([kv_c_normed[:num_tokens], k_pe[:num_tokens]], dim=-1)  # [T, d_c+d_R]
-    flat = cache.view(-1, width)  # [num_blocks * block_size, d_c + d_R]
     if is_fp8_cache(cache):
-        stored = quantize_fp8(rows[valid], 1.0 if scale is None else scale)
+        quantize = lambda rows: quantize_fp8(rows, 1.0 if scale is None else scale)  # noqa: E731
     elif scale is not None:
         raise ValueError(f"a cache scale applies to an fp8 cache only, not to a {cache.dtype} cache")
     else:
-        stored = rows[valid].to(cache.dtype)
-    flat[slots[valid]] = stored
+        quantize = lambda rows: rows.to(cache.dtype)  # noqa: E731
+    num_tokens = min(kv_c_normed.shape[0], slot_mapping.numel())
+    if num_tokens == 0:
+        return
+    slots = slot_mapping.reshape(-1)[:num_tokens].to(torch.long)  # [T]
+    source, target, any_valid = _padding_redirect(slots)
+    rows = torch.cat([kv_c_normed[:num_tokens], k_pe[:num_tokens]], dim=-1)  # [T, d_c + d_R]
+    # Bytes (uint8 for fp8, where torch.where and index_copy_ may lack float8 kernels).
+    flat = _as_bytes(cache.view(-1, width))  # [num_blocks * block_size, W]
+    stored = _as_bytes(quantize(rows.index_select(0, source)))  # [T, W]
+    stored = torch.where(any_valid, stored, flat[:1])  # no valid row: slot 0's own bytes
+    flat.index_copy_(0, target, stored)
+
+
+def _padding_redirect(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(source row [T], target slot [T], any valid [])`` for ``slots`` [T] long, -1 = padding.
+
+    A valid row t writes its own row to its own slot; a padded row copies the first valid
+    row (argmax of the mask: the first maximum) and its slot. No valid row: every target is
+    slot 0. All on the device, nothing read on the host."""
+    valid = slots >= 0  # [T]
+    rows = torch.arange(slots.shape[0], device=slots.device)  # [T]
+    first_valid = valid.to(torch.uint8).argmax()  # [] (0 when none is valid)
+    source = torch.where(valid, rows, first_valid)  # [T]
+    any_valid = valid.any()  # []
+    target = torch.where(any_valid, slots.index_select(0, source), 0)  # [T]
+    return source, target, any_valid
+
+
+def _as_bytes(x: torch.Tensor) -> torch.Tensor:
+    """An fp8 tensor as its uint8 bytes (same shape); others unchanged."""
+    return x.view(torch.uint8) if is_fp8_cache(x) else x
 
 
 def gather_sequence(
@@ -74,3 +106,19 @@ def gather_sequence(
     if not rows:
         return cache.new_empty((0, cache.shape[-1]))
     return torch.stack(rows)
+
+
+# e4m3 (float8_e4m3fn) arithmetic and conversions need compute capability 8.9 (Ada, Hopper
+# and newer) on NVIDIA GPUs; Triton refuses to compile them below it.
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def fp8_cache_refusal(capability: tuple[int, int] | None, how_to_fix: str) -> str | None:
+    """The one-line reason an fp8 latent cache cannot run on a CUDA device of ``capability``
+    ((major, minor); None: not an NVIDIA GPU, nothing to refuse), or None when it can."""
+    if capability is None or tuple(capability) >= FP8_MIN_CAPABILITY:
+        return None
+    major, minor = capability
+    return (f"the fp8 (e4m3) latent cache needs an NVIDIA GPU of compute capability "
+            f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} or newer (Ada, Hopper, Blackwell); this GPU is "
+            f"{major}.{minor}. {how_to_fix}")

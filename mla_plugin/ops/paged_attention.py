@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 import torch
 
-from mla_plugin.ops.kernel_choice import KERNEL_CALLS, kernel_for
+from mla_plugin.ops.kernel_choice import kernel_for, note_kernel_ran
 from mla_plugin.ops.latent_cache import is_fp8_cache
 from mla_plugin.ops.sharded_latent import ONE_SLICE, LatentSlices, compute_dtype_for
 
@@ -351,7 +351,6 @@ def paged_latent_attention(
     _check_inputs(q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, slices, all_reduce, return_lse,
                   cache_scale)
     kernel = kernel_for(q_latent.device, q_latent.dtype, kernel)
-    KERNEL_CALLS[kernel] += 1
     if kernel == "triton":
         from mla_plugin.ops.triton_paged_attention import triton_paged_latent_attention
 
@@ -359,52 +358,75 @@ def paged_latent_attention(
             q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, scale, slices, all_reduce,
             max_seq_len, return_lse, cache_scale=cache_scale,
         )
-    tokens, heads, d_loc = q_latent.shape
-    d_r = q_rope.shape[-1]
-    num_blocks, block_size, _ = cache.shape
     batch = query_start_loc.numel() - 1
-    compute_dtype = compute_dtype_for(q_latent.dtype)
-    device = q_latent.device
-
-    max_query_len = tokens if max_query_len is None else min(max_query_len, tokens)
-    context = block_table.shape[1] * block_size if max_seq_len is None else max_seq_len
-    needed_blocks = min(-(-context // block_size), block_table.shape[1])
+    max_query_len = q_latent.shape[0] if max_query_len is None else min(max_query_len, q_latent.shape[0])
+    context = block_table.shape[1] * cache.shape[1] if max_seq_len is None else max_seq_len
+    needed_blocks = min(-(-context // cache.shape[1]), block_table.shape[1])
     if batch == 0 or max_query_len <= 0 or needed_blocks <= 0:
+        tokens, heads, d_loc = q_latent.shape
         out = q_latent.new_zeros((tokens, heads, d_loc))
-        lse = torch.full((tokens, heads), float("-inf"), dtype=compute_dtype, device=device)
+        lse = torch.full((tokens, heads), float("-inf"), dtype=compute_dtype_for(q_latent.dtype),
+                         device=q_latent.device)
         return (out, lse) if return_lse else out
-
-    starts = query_start_loc.reshape(-1).to(torch.long)  # [B + 1]
-    lens = seq_lens.reshape(-1)[:batch].to(torch.long)  # [B]
-    # Padded table entries may hold any value: clamp into range; masking drops their rows.
-    table = block_table[:batch].to(torch.long).clamp(0, num_blocks - 1)  # [B, max_blocks]
-    cache_rows = _slots(cache)  # [num_blocks * block_size, D]
-    layout = _QueryLayout(starts, tokens, max_query_len)
-    queries = layout.pad(torch.cat([q_latent, q_rope], dim=-1)).to(compute_dtype)  # [B, P, H, D]
-    streams = _Streams(queries, d_loc, slices, fused_rope=all_reduce is None)
-    if max_query_len > 1:
-        q_lens = starts[1:] - starts[:-1]  # [B]
-        q_positions = (lens - q_lens).unsqueeze(1) + torch.arange(max_query_len, device=device)  # [B, P]
+    batch_view = _TorchBatch(q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, slices, all_reduce,
+                             max_query_len, cache_scale)
     if chunk_tokens is None:
-        chunk_blocks = _default_chunk_blocks(batch, max_query_len, heads, slices, d_loc, d_r, block_size)
+        chunk_blocks = _default_chunk_blocks(batch, max_query_len, q_latent.shape[1], slices, q_latent.shape[2],
+                                             q_rope.shape[-1], cache.shape[1])
     else:
-        chunk_blocks = max(1, chunk_tokens // block_size)
+        chunk_blocks = max(1, chunk_tokens // cache.shape[1])
+    out, lse = batch_view.attend(scale, needed_blocks, chunk_blocks, return_lse)
+    note_kernel_ran("torch")
+    return (out, lse) if return_lse else out
 
-    out = lse = None
-    for first in range(0, needed_blocks, chunk_blocks):
-        num = min(chunk_blocks, needed_blocks - first)
-        rows, positions, valid = _gather_chunk(cache_rows, table, lens, block_size, first, num, compute_dtype,
-                                               cache_scale)
-        scores, values = streams.scores_and_values(rows, scale, all_reduce)  # [B, K, M, C]
-        allowed = valid.unsqueeze(1)  # [B, 1, C]: a decode sees its whole context
+
+class _TorchBatch:
+    """One call of the plain-torch path: the batch request-major, attended chunk by chunk."""
+
+    def __init__(self, q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, slices, all_reduce,
+                 max_query_len: int, cache_scale):
+        tokens, self.heads, d_loc = q_latent.shape
+        batch = query_start_loc.numel() - 1
+        self.out_dtype, self.all_reduce, self.cache_scale = q_latent.dtype, all_reduce, cache_scale
+        self.compute_dtype = compute_dtype_for(q_latent.dtype)
+        self.block_size = cache.shape[1]
+        self.max_query_len = max_query_len
+        starts = query_start_loc.reshape(-1).to(torch.long)  # [B + 1]
+        self.lens = seq_lens.reshape(-1)[:batch].to(torch.long)  # [B]
+        # Padded table entries may hold any value: clamp into range; masking drops their rows.
+        self.table = block_table[:batch].to(torch.long).clamp(0, cache.shape[0] - 1)  # [B, max_blocks]
+        self.cache_rows = _slots(cache)  # [num_blocks * block_size, D]
+        self.layout = _QueryLayout(starts, tokens, max_query_len)
+        queries = self.layout.pad(torch.cat([q_latent, q_rope], dim=-1)).to(self.compute_dtype)  # [B, P, H, D]
+        self.streams = _Streams(queries, d_loc, slices, fused_rope=all_reduce is None)
+        self.q_positions = None
         if max_query_len > 1:
-            allowed = allowed & (positions <= q_positions.unsqueeze(-1))  # [B, P, C]
-        per_query = scores.view(batch, scores.shape[1], max_query_len, -1, scores.shape[-1])  # [B, K, P, H_k, C]
-        per_query.masked_fill_(~allowed.unsqueeze(1).unsqueeze(3), float("-inf"))
-        part_out, part_lse = _chunk_softmax(scores, values)
-        out, lse = (part_out, part_lse) if out is None else merge_partial_attention(out, lse, part_out, part_lse)
+            q_lens = starts[1:] - starts[:-1]  # [B]
+            offsets = torch.arange(max_query_len, device=q_latent.device)
+            self.q_positions = (self.lens - q_lens).unsqueeze(1) + offsets  # [B, P]
 
-    out = layout.unpad(streams.to_heads(out, heads).to(q_latent.dtype), 0.0)  # [T, H, d_loc]
-    if not return_lse:
-        return out
-    return out, layout.unpad(lse.reshape(batch, max_query_len, heads), float("-inf"))  # [T, H]
+    def chunk(self, scale: float, first: int, num: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax-normalised ``(out[B, K, M, d], lse[B, K, M])`` over table columns ``first .. +num``."""
+        rows, positions, valid = _gather_chunk(self.cache_rows, self.table, self.lens, self.block_size, first, num,
+                                               self.compute_dtype, self.cache_scale)
+        scores, values = self.streams.scores_and_values(rows, scale, self.all_reduce)  # [B, K, M, C]
+        allowed = valid.unsqueeze(1)  # [B, 1, C]: a decode sees its whole context
+        if self.q_positions is not None:
+            allowed = allowed & (positions <= self.q_positions.unsqueeze(-1))  # [B, P, C]
+        batch, streams = scores.shape[:2]
+        per_query = scores.view(batch, streams, self.max_query_len, -1, scores.shape[-1])  # [B, K, P, H_k, C]
+        per_query.masked_fill_(~allowed.unsqueeze(1).unsqueeze(3), float("-inf"))
+        return _chunk_softmax(scores, values)
+
+    def attend(self, scale: float, needed_blocks: int, chunk_blocks: int, return_lse: bool):
+        """``(out[T, H, d_loc], lse[T, H] or None)`` over the first ``needed_blocks`` table columns
+        (the LSE of the exact softmax only: one per head)."""
+        out = lse = None
+        for first in range(0, needed_blocks, chunk_blocks):
+            part_out, part_lse = self.chunk(scale, first, min(chunk_blocks, needed_blocks - first))
+            out, lse = (part_out, part_lse) if out is None else merge_partial_attention(out, lse, part_out, part_lse)
+        batch = out.shape[0]
+        out = self.layout.unpad(self.streams.to_heads(out, self.heads).to(self.out_dtype), 0.0)  # [T, H, d_loc]
+        if not return_lse:
+            return out, None
+        return out, self.layout.unpad(lse.reshape(batch, self.max_query_len, self.heads), float("-inf"))  # [T, H]

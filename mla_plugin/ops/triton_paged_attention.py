@@ -31,8 +31,19 @@ It stores the normalised partial output acc / l (0 when l = 0) and lse = m + ln 
 no key at all gives ō = 0, lse = −inf. Heads that do not read slice j (grouped) get 0.
 
 ``_partial_logits`` (exact softmax with the latent sharded over ranks): S_n =
-q̃_local · ĉ_local,n (λ included) for every key, written to a ``[T, H, L]`` float32 buffer
-that the caller all-reduces before stage 1 reads it.
+q̃_local · ĉ_local,n (λ included) for the keys of one chunk of context, written to a
+``[T, H, L_c]`` float32 buffer that the caller all-reduces before stage 1 reads it.
+
+Bounded memory (exact softmax over ranks): the context is processed in chunks of
+L_c keys (``logits_chunk_keys``: whole 64-key tiles, the most whose partial logits fit
+``LOGITS_BUDGET_BYTES`` = 256 MiB); per chunk: partial logits, all-reduce, stage 1 over the
+chunk's keys (the key window ``[key_start, key_end)``), stage 2 folding the chunk into a
+float32 running result (ō, lse) by its log-sum-exp. The partial-logits workspace is
+max(256 MiB, T·H·64·4 bytes), independent of the context length L: at most 256 MiB for
+every T·H ≤ 8192·128 (128 heads and 8192 prefill tokens at 163,840 context: 2,560 chunks of
+64 keys, 256 MiB; a 128-head decode of 64 requests: chunks of 8,192 keys, 256 MiB, where
+the unchunked buffer would be 5 GiB). The other buffers (split partials, running result)
+are O(T·H·d_loc), independent of L.
 
 Loads are upcast to float32; the products run in float32 (``ieee``) for float32 inputs
 and in Triton's interpreter, and in the cache dtype (bf16/fp16, float32 accumulation) on
@@ -46,21 +57,26 @@ launch can be captured in a CUDA graph (the split count depends only on the numb
 query rows and heads).
 """
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-from mla_plugin.ops.kernel_choice import interpreting
+from mla_plugin.ops.kernel_choice import interpreting, note_kernel_ran
 from mla_plugin.ops.sharded_latent import LatentSlices
 
 # Most splits of one query row's context (stage-1 programs per row and stream block).
 MAX_SPLITS = 32
 
 # Overrides of the launch configuration (keys of ``launch_config``'s result), for tuning
-# runs (benchmarks/gpu_decode.py --sweep); empty in normal use.
+# runs (benchmarks/gpu_decode.py --sweep) and tests; empty in normal use.
 TUNING: dict = {}
 
 
+# One @triton.jit body over 80 lines: the online-softmax loop keeps its running state (m, l,
+# acc) in registers; splitting it into jit helpers buys nothing and makes the tile code harder
+# for the compiler to schedule.
 @triton.jit
 def _split_attention(
     q_latent_ptr, q_rope_ptr,  # [T, H, d_loc], [T, H, d_R]
@@ -76,6 +92,7 @@ def _split_attention(
     stride_lt, stride_lh,
     num_heads, num_slices, heads_per_stream, head_base, head_step, head_blocks,
     num_splits, block_size, d_loc, d_s, d_r,
+    key_start, key_end,  # the key window [key_start, key_end) of this launch (a chunk of context)
     LOGITS_IN: tl.constexpr, LOW_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DR: tl.constexpr,
     EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr,
@@ -108,9 +125,11 @@ def _split_attention(
 
     request = tl.load(token_request_ptr + t)
     context = tl.load(token_context_ptr + t)
-    per_split = tl.cdiv(tl.cdiv(context, num_splits), BLOCK_N) * BLOCK_N
-    start = split * per_split
-    end = tl.minimum(start + per_split, context)
+    last = tl.minimum(context, key_end)  # keys [key_start, last) are this row's in the window
+    span = tl.maximum(last - key_start, 0)
+    per_split = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+    start = key_start + split * per_split
+    end = tl.minimum(start + per_split, last)
 
     t64 = t.to(tl.int64)
     if not LOGITS_IN:
@@ -160,7 +179,7 @@ def _split_attention(
         if LOGITS_IN:
             if IS_FP8:  # the summed partial logits already carry σ; the rope logit gets it here
                 s = s * kv_scale
-            s += tl.load(logits_ptr + t64 * stride_lt + heads[:, None] * stride_lh + pos[None, :],
+            s += tl.load(logits_ptr + t64 * stride_lt + heads[:, None] * stride_lh + (pos - key_start)[None, :],
                          mask=head_ok[:, None] & key_ok[None, :], other=0.0)
         elif LOW_PRECISION:
             s += tl.dot(q, tl.trans(latent))
@@ -193,11 +212,13 @@ def _split_attention(
 @triton.jit
 def _merge_splits(
     partial_out_ptr, partial_lse_ptr,  # [T, H, S, NUM_SPLITS, D_S], [T, H, S, NUM_SPLITS] float32
-    out_ptr, lse_ptr,  # [T, H, S * D_S] (query dtype), [T, H] float32 (WRITE_LSE only)
+    out_ptr, lse_ptr,  # [T, H, S * D_S] (query dtype; float32 with ACCUMULATE), [T, H] float32 (WRITE_LSE only)
     stride_ot, stride_oh,
     num_heads, num_slices, heads_per_stream, head_base, head_step, num_splits, d_s,
-    WRITE_LSE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_DS: tl.constexpr,
+    WRITE_LSE: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_DS: tl.constexpr,
 ):
+    # ACCUMULATE (one slice, exact chunks; WRITE_LSE): (out, lse) already hold the result of
+    # earlier keys, which is merged in as one more split.
     pid = tl.program_id(0)
     j = pid % num_slices
     h = (pid // num_slices) % num_heads
@@ -211,20 +232,26 @@ def _merge_splits(
     lses = tl.load(partial_lse_ptr + base + splits, mask=splits < used_splits,
                    other=float("-inf"))  # [BLOCK_SPLITS]
     peak = tl.max(lses, axis=0)
-    peak = tl.where(peak == float("-inf"), 0.0, peak)
-    total = tl.sum(tl.exp(lses - peak), axis=0)
-
     d = tl.arange(0, BLOCK_DS)
     d_ok = d < d_s
+    out_row = out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + j * d_s + d
+    if ACCUMULATE:
+        earlier_lse = tl.load(lse_ptr + t.to(tl.int64) * num_heads + h)
+        peak = tl.maximum(peak, earlier_lse)
+    peak = tl.where(peak == float("-inf"), 0.0, peak)
+    total = tl.sum(tl.exp(lses - peak), axis=0)
     acc = tl.zeros([BLOCK_DS], tl.float32)
+    if ACCUMULATE:
+        earlier_weight = tl.exp(earlier_lse - peak)  # 0 while no earlier key
+        total += earlier_weight
+        acc += earlier_weight * tl.load(out_row, mask=d_ok, other=0.0)
     for split in range(0, used_splits):
         lse_s = tl.load(partial_lse_ptr + base + split)
         weight = tl.exp(lse_s - peak)  # 0 for an empty split (its output is 0 too)
         acc += weight * tl.load(partial_out_ptr + (base + split) * d_s + d, mask=d_ok, other=0.0)
     has_keys = total > 0.0
     out = tl.where(has_keys, acc / tl.where(has_keys, total, 1.0), 0.0)
-    tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + j * d_s + d,
-             out.to(out_ptr.dtype.element_ty), mask=d_ok)
+    tl.store(out_row, out.to(out_ptr.dtype.element_ty), mask=d_ok)
     if WRITE_LSE:
         lse = tl.where(has_keys, peak + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
         tl.store(lse_ptr + t.to(tl.int64) * num_heads + h, lse)
@@ -237,7 +264,7 @@ def _partial_logits(
     logits_ptr,  # [T, H, L] float32
     kv_scale_ptr,  # [1] float32: σ of an fp8 cache (IS_FP8 only)
     stride_qt, stride_qh, stride_cache_block, stride_cache_slot, stride_table, stride_lt, stride_lh,
-    num_heads, head_blocks, key_blocks, block_size, d_loc, length,
+    num_heads, head_blocks, key_blocks, block_size, d_loc, key_start, length,  # keys [key_start, +length)
     LOW_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -249,8 +276,9 @@ def _partial_logits(
     head_ok = heads < num_heads
     request = tl.load(token_request_ptr + t)
     context = tl.load(token_context_ptr + t)
-    pos = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
-    key_ok = pos < context
+    offset = key_block * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] within the chunk
+    pos = key_start + offset  # key positions
+    key_ok = (pos < context) & (offset < length)
     block = tl.load(block_table_ptr + request.to(tl.int64) * stride_table + pos // block_size,
                     mask=key_ok, other=0).to(tl.int64)
     row = block * stride_cache_block + (pos % block_size).to(tl.int64) * stride_cache_slot  # [BLOCK_N]
@@ -271,8 +299,8 @@ def _partial_logits(
     if IS_FP8:
         s = s * tl.load(kv_scale_ptr)
     # Keys past the context get 0 (never read by stage 1); the whole buffer row is defined.
-    tl.store(logits_ptr + t64 * stride_lt + heads[:, None] * stride_lh + pos[None, :], s,
-             mask=head_ok[:, None] & (pos < length)[None, :])
+    tl.store(logits_ptr + t64 * stride_lt + heads[:, None] * stride_lh + offset[None, :], s,
+             mask=head_ok[:, None] & (offset < length)[None, :])
 
 
 def _check_interpreter(device: torch.device) -> None:
@@ -292,16 +320,37 @@ def _pow2(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(max(n, 1)))
 
 
+# float32 partial logits of the exact softmax over ranks: bytes per chunk of context
+# (module docstring, "Bounded memory"); the chunks are whole tiles of LOGITS_KEY_TILE keys.
+LOGITS_BUDGET_BYTES = 256 << 20
+LOGITS_KEY_TILE = 64
+NO_KEY_LIMIT = 2**31 - 1  # key_end of a launch over the whole context
+
+
+def logits_chunk_keys(tokens: int, heads: int, length: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> int:
+    """Keys per chunk of the partial logits: the most whole 64-key tiles whose float32
+    ``[T, H, keys]`` buffer fits ``budget_bytes`` (at least one tile), at most ``length``.
+    From shapes and host ints only, so every rank chunks alike."""
+    per_tile = max(1, tokens * heads * 4 * LOGITS_KEY_TILE)
+    return max(1, min(length, max(1, budget_bytes // per_tile) * LOGITS_KEY_TILE))
+
+
+def gpu_launch_config(d_s: int, heads_per_stream: int) -> dict:
+    """Stage-1 tile sizes and launch options on a GPU (H200 sweep, 2026-11-26)."""
+    if heads_per_stream >= 64:  # many heads: one KV tile feeds 64 heads
+        return dict(block_h=64, block_n=64, num_warps=8, num_stages=2)
+    if d_s > 256:
+        return dict(block_h=16, block_n=32, num_warps=4, num_stages=2)
+    return dict(block_h=16, block_n=64, num_warps=8, num_stages=2)
+
+
 def launch_config(d_s: int, heads_per_stream: int, device: torch.device) -> dict:
-    """Stage-1 tile sizes and launch options; ``TUNING`` overrides them."""
+    """Stage-1 tile sizes and launch options; ``TUNING`` overrides them (tests set it to
+    ``gpu_launch_config``'s tiles to run a GPU configuration in the interpreter)."""
     if device.type != "cuda":  # the interpreter: large tiles mean fewer interpreted steps
         config = dict(block_h=16, block_n=64, num_warps=4, num_stages=1)
-    elif heads_per_stream >= 64:  # many heads: one KV tile feeds 64 heads (H200 sweep, 2026-11-26)
-        config = dict(block_h=64, block_n=64, num_warps=8, num_stages=2)
-    elif d_s > 256:
-        config = dict(block_h=16, block_n=32, num_warps=4, num_stages=2)
     else:
-        config = dict(block_h=16, block_n=64, num_warps=8, num_stages=2)
+        config = gpu_launch_config(d_s, heads_per_stream)
     config.update(TUNING)
     return config
 
@@ -330,6 +379,156 @@ def _token_rows(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, tokens: i
     return request.to(torch.int32), context.to(torch.int32)
 
 
+@dataclass(frozen=True)
+class _StreamLayout:
+    """Which heads read which local slice (``paged_attention.py``, streams)."""
+
+    num_slices: int  # local slices with a softmax of their own (1 for exact)
+    d_s: int  # latent columns per stream
+    heads_per_stream: int
+    head_base: int  # first global head of local slice 0 (grouped)
+    head_step: int  # heads between the groups of consecutive slices (grouped; else 0)
+
+    @staticmethod
+    def of(slices: LatentSlices, heads: int, d_loc: int) -> "_StreamLayout":
+        if slices.softmax == "exact":  # one stream per head over every local column
+            return _StreamLayout(1, d_loc, heads, 0, 0)
+        d_s = d_loc // slices.shards_local
+        if slices.softmax == "grouped":
+            per_group = heads // slices.num_shards
+            return _StreamLayout(slices.shards_local, d_s, per_group, slices.shard_offset * per_group, per_group)
+        return _StreamLayout(slices.shards_local, d_s, heads, 0, 0)
+
+
+def _fold_logit_scale(q_latent: torch.Tensor, slices: LatentSlices) -> torch.Tensor:
+    """``q̃`` with λ_{h,j} folded into each slice, contiguous ``[T, H, d_loc]``."""
+    lam = slices.local_logit_scale(torch.float32, q_latent.device)  # [H, S_local] or None
+    if lam is None:
+        return q_latent.contiguous()
+    tokens, heads, d_loc = q_latent.shape
+    by_slice = q_latent.float().view(tokens, heads, slices.shards_local, d_loc // slices.shards_local)
+    return (by_slice * lam[:, :, None]).view(tokens, heads, d_loc)  # [T, H, d_loc]
+
+
+class _Launches:
+    """One call's inputs, prepared once, and the launches of the three kernels over them."""
+
+    def __init__(self, q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, scale, slices,
+                 cache_scale, num_splits, placeholder):
+        tokens, heads, d_loc = q_latent.shape
+        batch = query_start_loc.numel() - 1
+        device = q_latent.device
+        half = (torch.bfloat16, torch.float16)
+        self.is_fp8 = cache.dtype == torch.float8_e4m3fn
+        self.low_precision = (cache.dtype in half or (self.is_fp8 and q_latent.dtype in half)) and not interpreting()
+        if self.is_fp8:
+            self.kv_scale = (torch.ones(1, dtype=torch.float32, device=device) if cache_scale is None
+                             else cache_scale.reshape(1).to(device=device, dtype=torch.float32))
+        else:
+            self.kv_scale = placeholder  # a pointer never read
+        self.q_latent = _fold_logit_scale(q_latent, slices)  # [T, H, d_loc]
+        self.q_rope = q_rope.contiguous()  # [T, H, d_R]
+        self.cache = cache
+        table = block_table[:batch]
+        self.table = table if table.stride(-1) == 1 else table.contiguous()  # [B, max_blocks]
+        self.request, self.context = _token_rows(query_start_loc, seq_lens, tokens, batch)
+        self.tokens, self.heads, self.d_loc, self.d_r = tokens, heads, d_loc, q_rope.shape[-1]
+        self.block_size = cache.shape[1]
+        self.scale = float(scale)
+        self.streams = _StreamLayout.of(slices, heads, d_loc)
+        self.config = launch_config(self.streams.d_s, self.streams.heads_per_stream, device)
+        self.head_blocks = triton.cdiv(self.streams.heads_per_stream, self.config["block_h"])
+        if num_splits is None:
+            num_splits = choose_num_splits(tokens, self.streams.num_slices * self.head_blocks, device)
+        self.num_splits = max(1, min(MAX_SPLITS, num_splits))
+
+    def partial_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 1's outputs: ``[T, H, S, splits, d_s]`` and ``[T, H, S, splits]`` float32."""
+        st, device = self.streams, self.q_latent.device
+        shape = (self.tokens, self.heads, st.num_slices, self.num_splits)
+        return (torch.empty((*shape, st.d_s), dtype=torch.float32, device=device),
+                torch.empty(shape, dtype=torch.float32, device=device))
+
+    def partial_logits(self, logits: torch.Tensor, key_start: int, length: int) -> None:
+        """S_n of keys ``[key_start, key_start + length)`` into ``logits`` ``[T, H, length]``."""
+        block_h, key_blocks = self.config["block_h"], triton.cdiv(length, LOGITS_KEY_TILE)
+        q, cache, table = self.q_latent, self.cache, self.table
+        _partial_logits[(self.tokens * key_blocks * triton.cdiv(self.heads, block_h),)](
+            q, cache, table, self.request, self.context, logits, self.kv_scale,
+            q.stride(0), q.stride(1), cache.stride(0), cache.stride(1), table.stride(0),
+            logits.stride(0), logits.stride(1),
+            self.heads, triton.cdiv(self.heads, block_h), key_blocks, self.block_size, self.d_loc, key_start, length,
+            LOW_PRECISION=self.low_precision, IS_FP8=self.is_fp8, BLOCK_H=block_h, BLOCK_N=LOGITS_KEY_TILE,
+            BLOCK_D=min(128, _pow2(self.d_loc)),
+        )
+
+    def split_attention(self, partial_out, partial_lse, logits: torch.Tensor | None,
+                        key_start: int = 0, key_end: int = NO_KEY_LIMIT) -> None:
+        """Stage 1 over keys ``[key_start, key_end)``; ``logits`` (exact over ranks) holds their
+        all-reduced partial logits from ``key_start`` on."""
+        st, config = self.streams, self.config
+        q, r, cache, table = self.q_latent, self.q_rope, self.cache, self.table
+        stride_lt, stride_lh = (0, 0) if logits is None else (logits.stride(0), logits.stride(1))
+        d_s_block, d_r_block = _pow2(st.d_s), _pow2(self.d_r)
+        _split_attention[(self.tokens * self.num_splits * st.num_slices * self.head_blocks,)](
+            q, r, cache, table, self.request, self.context, q if logits is None else logits,
+            partial_out, partial_lse, self.kv_scale, self.scale,
+            q.stride(0), q.stride(1), r.stride(0), r.stride(1),
+            cache.stride(0), cache.stride(1), table.stride(0), stride_lt, stride_lh,
+            self.heads, st.num_slices, st.heads_per_stream, st.head_base, st.head_step, self.head_blocks,
+            self.num_splits, self.block_size, self.d_loc, st.d_s, self.d_r, key_start, key_end,
+            LOGITS_IN=logits is not None, LOW_PRECISION=self.low_precision, IS_FP8=self.is_fp8,
+            BLOCK_H=config["block_h"], BLOCK_N=config["block_n"], BLOCK_DS=d_s_block, BLOCK_DR=d_r_block,
+            EVEN_DS=d_s_block == st.d_s, EVEN_DR=d_r_block == self.d_r,
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
+
+    def merge(self, partial_out, partial_lse, out, lse, write_lse: bool, accumulate: bool = False) -> None:
+        """Stage 2 into ``out`` ``[T, H, d_loc]`` / ``lse`` ``[T, H]`` (``accumulate``: merged with them)."""
+        st = self.streams
+        _merge_splits[(self.tokens * self.heads * st.num_slices,)](
+            partial_out, partial_lse, out, lse, out.stride(0), out.stride(1),
+            self.heads, st.num_slices, st.heads_per_stream, st.head_base, st.head_step, self.num_splits, st.d_s,
+            WRITE_LSE=write_lse or accumulate, ACCUMULATE=accumulate,
+            BLOCK_SPLITS=_pow2(self.num_splits, least=2), BLOCK_DS=_pow2(st.d_s),
+        )
+
+
+def _logits_length(launches: _Launches, max_seq_len: int | None) -> int:
+    """Keys the partial logits cover: the host bound, or (no bound, or under CUDA-graph
+    capture, where the captured bound must hold for every replay) the block table's width."""
+    device = launches.q_latent.device
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    full = launches.table.shape[1] * launches.block_size
+    return max(1, full if (max_seq_len is None or capturing) else max_seq_len)
+
+
+def _exact_over_ranks(launches: _Launches, all_reduce, max_seq_len, out, lse, budget_bytes: int):
+    """Exact softmax with the latent's slices on several ranks, chunk by chunk of context:
+    partial logits, their all-reduce, stage 1 over the chunk, stage 2 merged into the result."""
+    length = _logits_length(launches, max_seq_len)
+    chunk = logits_chunk_keys(launches.tokens, launches.heads, length, budget_bytes)
+    workspace = torch.empty(launches.tokens * launches.heads * chunk, dtype=torch.float32, device=out.device)
+    chunked = chunk < length
+    if chunked:  # the running result in float32; cast once at the end
+        result_out = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+    else:
+        result_out = out
+    partial_out, partial_lse = launches.partial_buffers()
+    for key_start in range(0, length, chunk):
+        keys = min(chunk, length - key_start)
+        logits = workspace[: launches.tokens * launches.heads * keys].view(
+            launches.tokens, launches.heads, keys)  # [T, H, keys], contiguous for the all-reduce
+        launches.partial_logits(logits, key_start, keys)
+        reduced = all_reduce(logits)
+        logits = logits if reduced is None else reduced
+        launches.split_attention(partial_out, partial_lse, logits, key_start, key_start + keys)
+        launches.merge(partial_out, partial_lse, result_out, lse, write_lse=True, accumulate=key_start > 0)
+    if chunked:
+        out.copy_(result_out)
+    return out, lse
+
+
 def triton_paged_latent_attention(
     q_latent: torch.Tensor,  # [T, H, d_loc]
     q_rope: torch.Tensor,  # [T, H, d_R]
@@ -344,12 +543,12 @@ def triton_paged_latent_attention(
     return_lse: bool,
     num_splits: int | None = None,
     cache_scale: torch.Tensor | None = None,
+    logits_budget_bytes: int = LOGITS_BUDGET_BYTES,
 ):
     """The seam's function on Triton kernels; arguments as ``paged_latent_attention``
-    (checked there). ``num_splits`` overrides the split-K count (tests)."""
+    (checked there). ``num_splits`` overrides the split-K count and ``logits_budget_bytes``
+    the exact path's partial-logits budget per chunk of context (tests)."""
     tokens, heads, d_loc = q_latent.shape
-    d_r = q_rope.shape[-1]
-    num_blocks, block_size, _ = cache.shape
     batch = query_start_loc.numel() - 1
     device = q_latent.device
     out = q_latent.new_zeros((tokens, heads, d_loc))
@@ -359,81 +558,13 @@ def triton_paged_latent_attention(
     if cache.stride(-1) != 1:
         raise ValueError(f"the cache's last dimension must be contiguous, got strides {cache.stride()}")
     _check_interpreter(device)
-
-    half = (torch.bfloat16, torch.float16)
-    is_fp8 = cache.dtype == torch.float8_e4m3fn
-    low_precision = (cache.dtype in half or (is_fp8 and q_latent.dtype in half)) and not interpreting()
-    if is_fp8:
-        kv_scale = (torch.ones(1, dtype=torch.float32, device=device) if cache_scale is None
-                    else cache_scale.reshape(1).to(device=device, dtype=torch.float32))
+    launches = _Launches(q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, scale, slices,
+                         cache_scale, num_splits, placeholder=lse)
+    if slices.softmax == "exact" and all_reduce is not None:
+        _exact_over_ranks(launches, all_reduce, max_seq_len, out, lse, logits_budget_bytes)
     else:
-        kv_scale = lse  # placeholder pointer, never read
-    lam = slices.local_logit_scale(torch.float32, device)  # [H, S_local] or None
-    if lam is not None:  # fold λ_{h,j} into q̃_h^(j)
-        d_s = d_loc // slices.shards_local
-        q_latent = (q_latent.float().view(tokens, heads, slices.shards_local, d_s) * lam[:, :, None])
-        q_latent = q_latent.view(tokens, heads, d_loc)  # [T, H, d_loc]
-    q_latent = q_latent.contiguous()
-    q_rope = q_rope.contiguous()
-    table = block_table[:batch]
-    if table.stride(-1) != 1:
-        table = table.contiguous()
-    request, context = _token_rows(query_start_loc, seq_lens, tokens, batch)
-
-    exact = slices.softmax == "exact"
-    if exact:  # one stream per head over every local column
-        num_slices, d_s, heads_per_stream, head_base, head_step = 1, d_loc, heads, 0, 0
-    else:
-        num_slices, d_s = slices.shards_local, d_loc // slices.shards_local
-        if slices.softmax == "grouped":
-            heads_per_stream = heads // slices.num_shards
-            head_base, head_step = slices.shard_offset * heads_per_stream, heads_per_stream
-        else:
-            heads_per_stream, head_base, head_step = heads, 0, 0
-
-    config = launch_config(d_s, heads_per_stream, device)
-    block_h = config["block_h"]
-    head_blocks = triton.cdiv(heads_per_stream, block_h)
-    if num_splits is None:
-        num_splits = choose_num_splits(tokens, num_slices * head_blocks, device)
-    num_splits = max(1, min(MAX_SPLITS, num_splits))
-
-    logits = q_latent  # placeholder pointer when unused
-    stride_lt = stride_lh = 0
-    logits_in = exact and all_reduce is not None
-    if logits_in:  # exact softmax over latent slices held by several ranks
-        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        length = table.shape[1] * block_size if (max_seq_len is None or capturing) else max_seq_len
-        length = max(1, length)
-        logits = torch.empty((tokens, heads, length), dtype=torch.float32, device=device)
-        key_blocks = triton.cdiv(length, 64)
-        _partial_logits[(tokens * key_blocks * triton.cdiv(heads, block_h),)](
-            q_latent, cache, table, request, context, logits,
-            kv_scale, q_latent.stride(0), q_latent.stride(1), cache.stride(0), cache.stride(1), table.stride(0),
-            logits.stride(0), logits.stride(1),
-            heads, triton.cdiv(heads, block_h), key_blocks, block_size, d_loc, length,
-            LOW_PRECISION=low_precision, IS_FP8=is_fp8, BLOCK_H=block_h, BLOCK_N=64, BLOCK_D=min(128, _pow2(d_loc)),
-        )
-        reduced = all_reduce(logits)
-        logits = logits if reduced is None else reduced
-        stride_lt, stride_lh = logits.stride(0), logits.stride(1)
-
-    partial_out = torch.empty((tokens, heads, num_slices, num_splits, d_s), dtype=torch.float32, device=device)
-    partial_lse = torch.empty((tokens, heads, num_slices, num_splits), dtype=torch.float32, device=device)
-    _split_attention[(tokens * num_splits * num_slices * head_blocks,)](
-        q_latent, q_rope, cache, table, request, context, logits, partial_out, partial_lse, kv_scale, float(scale),
-        q_latent.stride(0), q_latent.stride(1), q_rope.stride(0), q_rope.stride(1),
-        cache.stride(0), cache.stride(1), table.stride(0), stride_lt, stride_lh,
-        heads, num_slices, heads_per_stream, head_base, head_step, head_blocks,
-        num_splits, block_size, d_loc, d_s, d_r,
-        LOGITS_IN=logits_in, LOW_PRECISION=low_precision, IS_FP8=is_fp8,
-        BLOCK_H=block_h, BLOCK_N=config["block_n"], BLOCK_DS=_pow2(d_s), BLOCK_DR=_pow2(d_r),
-        EVEN_DS=_pow2(d_s) == d_s, EVEN_DR=_pow2(d_r) == d_r,
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
-    )
-    _merge_splits[(tokens * heads * num_slices,)](
-        partial_out, partial_lse, out, lse, out.stride(0), out.stride(1),
-        heads, num_slices, heads_per_stream, head_base, head_step, num_splits, d_s,
-        WRITE_LSE=return_lse, BLOCK_SPLITS=_pow2(num_splits, least=2), BLOCK_DS=_pow2(d_s),
-    )
+        partial_out, partial_lse = launches.partial_buffers()
+        launches.split_attention(partial_out, partial_lse, None)
+        launches.merge(partial_out, partial_lse, out, lse, write_lse=return_lse)
+    note_kernel_ran("triton")
     return (out, lse) if return_lse else out
