@@ -2,8 +2,12 @@
 
 What ``register()`` does, idempotently:
 
-0. Checks every vLLM internal the plugin relies on (touch_points.py) and fails with one
-   message naming the vLLM version and what moved, before touching anything.
+0. Checks every vLLM internal the plugin relies on (touch_points.py), before touching
+   anything. If one moved (an untested vLLM), it logs one warning naming the versions tested
+   and installs only refusals (incompatible.py): a request for our backends, or a converted
+   checkpoint, fails in one line naming them; every other model is served as without the
+   plugin. It never raises (vLLM would stop every launch). A DeepSeek-V2 touch point that
+   moved is likewise refused only where our backends ask for it (validate_request).
 1. Adds ``MLA_PLUGIN`` to vLLM's ``AttentionBackendEnum`` so ``--attention-backend
    mla_plugin`` (any case) parses. The new member pickles *by reference* to
    :func:`backend_member`, so a spawned process that unpickles a config naming it
@@ -42,9 +46,13 @@ def register() -> None:
     """Entry point; safe to call any number of times in any process."""
     from mla_plugin.vllm import touch_points
 
-    if not getattr(register, "_verified", False):
-        touch_points.verify(touch_points.REGISTRATION)  # one clear error if vLLM moved something
-        register._verified = True
+    if not hasattr(register, "_moved"):
+        register._moved = touch_points.moved(touch_points.REGISTRATION)
+    if register._moved:  # an incompatible vLLM: warn, refuse our backends only, never stop the launch
+        from mla_plugin.vllm.incompatible import register_refusals
+
+        register_refusals(register._moved)
+        return
     from mla_plugin.vllm.compat import DEEPSEEK_V2_MODULE, SUPPORTED_VLLM, vllm_version, vllm_version_supported
     from mla_plugin.vllm.deepseek_hook import patch_deepseek_v2
     from mla_plugin.vllm.import_hook import when_imported
@@ -86,8 +94,10 @@ def backend_member(name: str):
 
 def validate_request(vllm_config, name: str) -> None:
     """Raise one clear error for a request our backend cannot serve."""
+    from mla_plugin.vllm import touch_points
     from mla_plugin.vllm.mla_backend import check_kv_cache_dtype
 
+    touch_points.require_compatible(touch_points.DEEPSEEK_IMPORT)  # one line if vLLM moved one
     model_config = vllm_config.model_config
     if model_config is not None and not getattr(model_config, "use_mla", False):
         hf_config = getattr(model_config, "hf_config", None)

@@ -1,9 +1,11 @@
 """Every vLLM internal the plugin relies on, in one list, each with a check.
 
-A vLLM release may move or reshape any of these. ``verify()`` runs the checks of one
-stage (at plugin registration, or when vLLM imports its DeepSeek-V2 module) and raises
-one :class:`VLLMTouchPointError` naming the vLLM version and everything that moved,
-instead of a silent skip or an AttributeError deep inside a forward pass.
+A vLLM release may move or reshape any of these. ``moved()`` runs the checks of a stage
+(at plugin registration, or when vLLM imports its DeepSeek-V2 module). A vLLM where one
+moved is still served without the plugin (registration.py, incompatible.py: one warning);
+a request for our backends there fails with ``require_compatible()``'s one-line
+:class:`IncompatibleVLLMError` naming the versions tested, and ``verify()`` gives the
+multi-line detail, instead of a silent skip or an AttributeError deep inside a forward pass.
 
 Internals are named ``"module.path:Attribute.sub"`` and looked up here by name (no
 import statement); ``compat.py`` is the only module with ``from vllm ... import``
@@ -91,7 +93,7 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
     TouchPoint("model config", "vllm.config:ModelConfig",
                "use_mla and hf_config read to validate a request", all_of(has("use_mla"), has_fields("hf_config"))),
     TouchPoint("current vllm config", "vllm.config:get_current_vllm_config",
-               "the DeepSeek-V2 factory asks which backend is requested", exists()),
+               "the DeepSeek-V2 routing class asks which backend is requested", exists()),
     # mla_backend.py / gla_backend.py: subclasses
     TouchPoint("MLA backend", f"{_MLA}:MLACommonBackend", "subclassed by MLAPluginBackend",
                has("get_name", "get_impl_cls", "get_builder_cls", "get_supported_head_sizes",
@@ -190,8 +192,8 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                "the submodules DeepSeek-V2 shares with its mla_attn wrapper, swapped for converted "
                "checkpoints", has_fields("kv_a_layernorm", "q_proj", "kv_a_proj_with_mqa", "rotary_emb")),
     TouchPoint("DeepSeek-V2 attention", f"{_DEEPSEEK}:DeepseekV2MLAAttention",
-               "replaced in its module by a factory: the sharded-latent layer where requested, else "
-               "vLLM's with a converted checkpoint's format applied",
+               "replaced in its module by a subclass of itself (models extending it still do): the "
+               "sharded-latent layer where requested, else vLLM's with a converted checkpoint's format applied",
                all_of(starts_with("vllm_config", "config"),
                       takes("prefix", "q_lora_rank", "kv_lora_rank", "reduce_results")),
                stage=DEEPSEEK_IMPORT),
@@ -211,7 +213,7 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                stage=DEEPSEEK_IMPORT),
     TouchPoint("DeepSeek-V3 model", f"{_DEEPSEEK}:DeepseekV3ForCausalLM",
                "serves model_type deepseek_v3 (V3/R1/Kimi-K2 shapes) with DeepSeek-V2's layers, so its "
-               "attention is the factory's", subclass_of(f"{_DEEPSEEK}:DeepseekV2ForCausalLM"),
+               "attention is the routing class's", subclass_of(f"{_DEEPSEEK}:DeepseekV2ForCausalLM"),
                stage=DEEPSEEK_IMPORT),
     # reference_tokens.py: decode-mode perplexity (mla-plugin ppl --score decode)
     TouchPoint("logits processor", "vllm.v1.sample.logits_processor:LogitsProcessor",
@@ -262,6 +264,38 @@ def verify(stage: str = REGISTRATION) -> None:
             f"mla_plugin is tested with vLLM {' and '.join(SUPPORTED_VLLM)}: install one of those "
             "(pip install 'vllm==0.33.*'), or uninstall mla_plugin to run this vLLM without it."
         )
+
+
+def moved(*stages: str) -> list[TouchPoint]:
+    """The touch points of these stages that moved in the installed vLLM (all stages if none given)."""
+    return [p for p in TOUCH_POINTS if (not stages or p.stage in stages) and problems(p)]
+
+
+class IncompatibleVLLMError(VLLMTouchPointError):
+    """One of our backends (or a converted checkpoint) asked for in a vLLM whose internals moved."""
+
+
+def tested_versions() -> str:
+    """The vLLM versions mla_plugin is tested with, as the messages name them."""
+    return " and ".join(SUPPORTED_VLLM)
+
+
+def incompatible_line(points: list[TouchPoint]) -> str:
+    """One line: this vLLM moved what our backends need, the versions tested, and what to do."""
+    names = ", ".join(p.name for p in points)
+    return (f"mla_plugin is tested with vLLM {tested_versions()}; vLLM {vllm_version()} moved {len(points)} "
+            f"internal(s) its attention backends rely on ({names}), so mla_plugin's backends and converted "
+            f"checkpoints cannot be served here: install vLLM {' or '.join(SUPPORTED_VLLM)} (pip install "
+            "'vllm==0.33.*'), "
+            "or serve the model without --attention-backend mla_plugin / mla_plugin_gla.")
+
+
+def require_compatible(*stages: str) -> None:
+    """Raise IncompatibleVLLMError (one line) when a touch point of these stages moved; for
+    requests for our backends only, so that other models keep working in such a vLLM."""
+    found = moved(*stages)
+    if found:
+        raise IncompatibleVLLMError(incompatible_line(found))
 
 
 def readme_table() -> str:

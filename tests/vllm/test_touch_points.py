@@ -61,13 +61,16 @@ def test_checks_see_through_the_plugins_own_patches():
     assert {name: problems(point) for name, point in POINTS.items() if problems(point)} == {}
 
 
-def test_registration_fails_before_touching_vllm_when_something_moved(monkeypatch):
-    from mla_plugin.vllm import registration
-
+def test_moved_touch_point_refuses_our_backends_in_one_line(monkeypatch):
+    """What a request for our backends gets in such a vLLM (registration itself never raises:
+    test_installed_harmless.py runs it in a fresh process)."""
     _remove(monkeypatch, POINTS["register_backend"].internal)
-    monkeypatch.setattr(registration.register, "_verified", False, raising=False)
-    with pytest.raises(VLLMTouchPointError, match="register_backend"):
-        registration.register()
+    assert [p.name for p in touch_points.moved(touch_points.REGISTRATION)] == ["register_backend"]
+    with pytest.raises(touch_points.IncompatibleVLLMError) as err:
+        touch_points.require_compatible(touch_points.REGISTRATION)
+    message = str(err.value)
+    assert "\n" not in message and "(register_backend)" in message, message
+    assert f"tested with vLLM {' and '.join(touch_points.SUPPORTED_VLLM)}" in message, message
 
 
 def test_reshaped_impl_signature_is_caught(monkeypatch):
