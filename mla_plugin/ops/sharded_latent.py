@@ -132,6 +132,19 @@ class LatentSlices:
 ONE_SLICE = LatentSlices()
 
 
+def slices_for_plan(plan) -> LatentSlices:
+    """The slices a rank of a sharding plan (``gla_options.ShardingPlan``) attends over.
+
+    λ is folded into W_UK by the layers, so there is no logit_scale here. With the heads
+    split over ranks, the rank's H_loc heads and its g_loc slices are a grouped model of their
+    own (local head i is in local group i // (H_loc / g_loc), which reads local slice i of it)."""
+    if plan.heads_split:
+        return LatentSlices(num_shards=plan.shards_local, shard_offset=0, shards_local=plan.shards_local,
+                            softmax="grouped")
+    return LatentSlices(num_shards=plan.shards, shard_offset=plan.shard_offset, shards_local=plan.shards_local,
+                        softmax=plan.softmax)
+
+
 def latent_rmsnorm(
     c: torch.Tensor,  # [..., d_c]
     num_shards: int,

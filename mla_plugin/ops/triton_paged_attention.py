@@ -327,10 +327,11 @@ LOGITS_KEY_TILE = 64
 NO_KEY_LIMIT = 2**31 - 1  # key_end of a launch over the whole context
 
 
-def logits_chunk_keys(tokens: int, heads: int, length: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> int:
+def logits_chunk_keys(tokens: int, heads: int, length: int, budget_bytes: int | None = None) -> int:
     """Keys per chunk of the partial logits: the most whole 64-key tiles whose float32
-    ``[T, H, keys]`` buffer fits ``budget_bytes`` (at least one tile), at most ``length``.
-    From shapes and host ints only, so every rank chunks alike."""
+    ``[T, H, keys]`` buffer fits ``budget_bytes`` (None: ``LOGITS_BUDGET_BYTES``; at least one
+    tile), at most ``length``. From shapes and host ints only, so every rank chunks alike."""
+    budget_bytes = LOGITS_BUDGET_BYTES if budget_bytes is None else budget_bytes
     per_tile = max(1, tokens * heads * 4 * LOGITS_KEY_TILE)
     return max(1, min(length, max(1, budget_bytes // per_tile) * LOGITS_KEY_TILE))
 
@@ -503,7 +504,7 @@ def _logits_length(launches: _Launches, max_seq_len: int | None) -> int:
     return max(1, full if (max_seq_len is None or capturing) else max_seq_len)
 
 
-def _exact_over_ranks(launches: _Launches, all_reduce, max_seq_len, out, lse, budget_bytes: int):
+def _exact_over_ranks(launches: _Launches, all_reduce, max_seq_len, out, lse, budget_bytes: int | None):
     """Exact softmax with the latent's slices on several ranks, chunk by chunk of context:
     partial logits, their all-reduce, stage 1 over the chunk, stage 2 merged into the result."""
     length = _logits_length(launches, max_seq_len)
@@ -543,11 +544,12 @@ def triton_paged_latent_attention(
     return_lse: bool,
     num_splits: int | None = None,
     cache_scale: torch.Tensor | None = None,
-    logits_budget_bytes: int = LOGITS_BUDGET_BYTES,
+    logits_budget_bytes: int | None = None,
 ):
     """The seam's function on Triton kernels; arguments as ``paged_latent_attention``
     (checked there). ``num_splits`` overrides the split-K count and ``logits_budget_bytes``
-    the exact path's partial-logits budget per chunk of context (tests)."""
+    the exact path's partial-logits budget per chunk of context (tests; None:
+    ``LOGITS_BUDGET_BYTES``)."""
     tokens, heads, d_loc = q_latent.shape
     batch = query_start_loc.numel() - 1
     device = q_latent.device

@@ -8,7 +8,7 @@ d_loc + d_R values. The metadata, the pool writes and the call of ``ops.paged_la
 exact softmax over more than one rank, SGLang's TP all-reduce of the partial logits.
 """
 
-from mla_plugin.ops import LatentSlices
+from mla_plugin.ops.sharded_latent import LatentSlices, slices_for_plan
 from mla_plugin.sglang.mla_backend import MLAPluginSGLangBackend
 
 GLA_BACKEND = "mla_plugin_gla"
@@ -37,13 +37,7 @@ class MLAPluginGLASGLangBackend(MLAPluginSGLangBackend):
                 "sharded-latent DeepSeek attention (DeepSeek-V2/V3-style MLA models)")
         slices = self._slices.get(id(plan))
         if slices is None:
-            if plan.heads_split:  # this rank's heads and its g_loc slices: a grouped model of their own
-                slices = LatentSlices(num_shards=plan.shards_local, shard_offset=0,
-                                      shards_local=plan.shards_local, softmax="grouped")
-            else:
-                slices = LatentSlices(num_shards=plan.shards, shard_offset=plan.shard_offset,
-                                      shards_local=plan.shards_local, softmax=plan.softmax)
-            self._slices[id(plan)] = slices
+            slices = self._slices[id(plan)] = slices_for_plan(plan)
         all_reduce = None
         if plan.tp_size > 1 and plan.softmax == "exact":
             from mla_plugin.sglang.gla_compat import tensor_model_parallel_all_reduce

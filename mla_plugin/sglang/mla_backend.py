@@ -22,10 +22,11 @@ import torch
 from mla_plugin import MLA_BACKEND_NAME
 from mla_plugin.ops import paged_latent_attention
 from mla_plugin.ops.kernel_choice import kernel_for
+from mla_plugin.ops.latent_cache import FP8_CACHE_DTYPE, fp8_cache_refusal
+from mla_plugin.ops.trace import TRACE_ENV, append_trace
 from mla_plugin.sglang.compat import AttentionBackend, KVWriteLoc
 
 BACKEND_NAME = MLA_BACKEND_NAME.lower()  # "mla_plugin", as SGLang users name it for --attention-backend
-TRACE_ENV = "MLA_PLUGIN_TRACE_FILE"  # one line per process that runs this backend
 
 # Forward calls in this process per (backend name, "extend" | "decode"): in-process proof.
 FORWARD_CALLS: dict[tuple[str, str], int] = {}
@@ -36,10 +37,8 @@ def note_forward_call(backend_name: str, mode: str, cache: torch.Tensor, detail)
     key = (backend_name, mode)
     first = key not in FORWARD_CALLS
     FORWARD_CALLS[key] = FORWARD_CALLS.get(key, 0) + 1
-    trace = os.environ.get(TRACE_ENV)
-    if first and trace:
-        with open(trace, "a") as f:
-            f.write(f"{backend_name} sglang {mode} pid={os.getpid()} {detail()} cache={list(cache.shape)}\n")
+    if first and os.environ.get(TRACE_ENV):  # one line per process and mode that runs this backend
+        append_trace(TRACE_ENV, f"{backend_name} sglang {mode} pid={os.getpid()} {detail()} cache={list(cache.shape)}")
 
 
 @dataclass
@@ -53,11 +52,24 @@ class LatentBatch:
     max_seq_len: int
 
 
-def _host_max(host_copy, tensor: torch.Tensor) -> int:
-    """Largest value, from SGLang's host copy (list or CPU tensor) when it has one."""
-    values = host_copy if host_copy is not None else tensor
-    values = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+def _host_max(host_copy, bound: int) -> int:
+    """Largest value, from SGLang's host copy (list or CPU tensor); without one, ``bound`` (an
+    upper bound from shapes): the device tensor is never read on the host."""
+    if host_copy is None:
+        return bound
+    values = host_copy.tolist() if isinstance(host_copy, torch.Tensor) else list(host_copy)
     return int(max(values, default=0))
+
+
+def check_kv_cache_dtype(model_runner, backend_name: str) -> None:
+    """Refuse, in one line at start-up, an fp8 (e4m3) pool on a GPU without e4m3 (below 8.9)."""
+    if getattr(model_runner, "kv_cache_dtype", None) != FP8_CACHE_DTYPE:
+        return
+    device = torch.device(model_runner.device)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" and torch.version.cuda else None
+    refusal = fp8_cache_refusal(capability, "Leave out --kv-cache-dtype (or pass auto) on this GPU.")
+    if refusal:
+        raise ValueError(f"--attention-backend {backend_name} --kv-cache-dtype fp8_e4m3: {refusal}")
 
 
 class MLAPluginSGLangBackend(AttentionBackend):
@@ -67,6 +79,7 @@ class MLAPluginSGLangBackend(AttentionBackend):
 
     def __init__(self, model_runner):
         super().__init__()
+        check_kv_cache_dtype(model_runner, self.backend_name)
         self.device = model_runner.device
         self.req_to_token = model_runner.req_to_token_pool.req_to_token  # [max_reqs, max_context]
         self.pool = model_runner.token_to_kv_pool
@@ -79,14 +92,14 @@ class MLAPluginSGLangBackend(AttentionBackend):
         mode = forward_batch.forward_mode
         seq_lens = forward_batch.seq_lens.to(torch.int64)  # [B]
         batch = seq_lens.shape[0]
-        max_seq_len = _host_max(forward_batch.seq_lens_cpu, seq_lens)
+        max_seq_len = _host_max(getattr(forward_batch, "seq_lens_cpu", None), self.req_to_token.shape[1])
         if mode.is_decode_or_idle():
             query_start_loc = torch.arange(batch + 1, dtype=torch.int64, device=seq_lens.device)
             max_query_len = 1
         else:
             q_lens = forward_batch.extend_seq_lens.to(torch.int64)  # [B]
             query_start_loc = torch.nn.functional.pad(torch.cumsum(q_lens, 0), (1, 0))  # [B + 1]
-            max_query_len = _host_max(forward_batch.extend_seq_lens_cpu, q_lens)
+            max_query_len = _host_max(getattr(forward_batch, "extend_seq_lens_cpu", None), self.req_to_token.shape[1])
         pages = -(-max_seq_len // self.page_size)
         rows = self.req_to_token[forward_batch.req_pool_indices]  # [B, max_context]
         block_table = rows[:, : pages * self.page_size : self.page_size] // self.page_size  # [B, pages]

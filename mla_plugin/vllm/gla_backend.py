@@ -23,9 +23,10 @@ import torch
 
 from mla_plugin import GLA_BACKEND_NAME
 from mla_plugin.gla_options import ShardingPlan
-from mla_plugin.ops import LatentSlices, paged_latent_attention
+from mla_plugin.ops import paged_latent_attention
 from mla_plugin.ops.kernel_choice import kernel_for
 from mla_plugin.ops.latent_cache import FP8_CACHE_DTYPE
+from mla_plugin.ops.sharded_latent import slices_for_plan
 from mla_plugin.vllm.compat import AttentionLayer
 from mla_plugin.vllm.mla_backend import (
     MLAPluginBackend,
@@ -86,15 +87,7 @@ class ShardedLatentImpl(MLAPluginImpl):
         if self.num_heads != plan.local_heads:
             raise ValueError(f"{GLA_BACKEND_NAME}: the layer has {self.num_heads} heads; the plan gives this "
                              f"rank {plan.local_heads}")
-        # The slices this rank holds, for the ops seam (λ is folded into W_UK, so no logit_scale).
-        # Heads split: this rank's heads and its g_loc slices are a grouped model of their own
-        # (local head i is in local group i // (H / g), which reads local slice i // (H / g)).
-        if plan.heads_split:
-            self.slices = LatentSlices(num_shards=plan.shards_local, shard_offset=0,
-                                       shards_local=plan.shards_local, softmax="grouped")
-        else:
-            self.slices = LatentSlices(num_shards=plan.shards, shard_offset=plan.shard_offset,
-                                       shards_local=plan.shards_local, softmax=plan.softmax)
+        self.slices = slices_for_plan(plan)  # the slices this rank holds, for the ops seam
         self.rank_attention_params: int | None = None  # set by the layer: what this rank loaded
         self._up_proj: tuple[torch.Tensor, torch.Tensor] | None = None
 

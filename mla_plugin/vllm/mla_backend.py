@@ -18,8 +18,9 @@ import torch
 
 from mla_plugin import MLA_BACKEND_NAME
 from mla_plugin.ops import paged_latent_attention, write_latent_cache
-from mla_plugin.ops.latent_cache import FP8_CACHE_DTYPE
 from mla_plugin.ops.kernel_choice import kernel_for
+from mla_plugin.ops.latent_cache import FP8_CACHE_DTYPE, fp8_cache_refusal
+from mla_plugin.ops.trace import TRACE_ENV, append_trace
 from mla_plugin.vllm.compat import (
     AttentionCGSupport,
     AttentionLayer,
@@ -40,9 +41,6 @@ logger = logging.getLogger("vllm.mla_plugin")
 UNQUANTISED_KV_CACHE_DTYPES = ["auto", "float16", "bfloat16"]
 FP8_KV_CACHE_DTYPES = ["fp8", "fp8_e4m3"]
 SUPPORTED_KV_CACHE_DTYPES = UNQUANTISED_KV_CACHE_DTYPES + FP8_KV_CACHE_DTYPES
-# Environment variable naming a file that each process running our decode appends
-# one line to (proof, across processes, that this backend and not CPU_MLA ran).
-TRACE_ENV = "MLA_PLUGIN_TRACE_FILE"
 
 # Decode calls in this process and the last cache shape seen, per backend name:
 # in-process evidence for tests.
@@ -64,13 +62,12 @@ def note_decode_call(backend_name: str, cache: torch.Tensor, describe: Callable[
         return
     detail = f"{describe()} cache={list(cache.shape)}"
     logger.info("mla_plugin: %s decode running in pid %d (%s)", backend_name, os.getpid(), detail)
-    trace = os.environ.get(TRACE_ENV)
-    if trace:
-        with open(trace, "a") as f:
-            f.write(f"{backend_name} pid={os.getpid()} {detail}\n")
+    # One line per process (proof, across processes, that this backend and not CPU_MLA ran).
+    append_trace(TRACE_ENV, f"{backend_name} pid={os.getpid()} {detail}")
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str, backend_name: str = MLA_BACKEND_NAME) -> None:
+    """Refuse, in one line at start-up, a cache dtype our backends cannot run here."""
     flag = f"--attention-backend {backend_name.lower()}"
     if kv_cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
         raise ValueError(
@@ -78,6 +75,19 @@ def check_kv_cache_dtype(kv_cache_dtype: str, backend_name: str = MLA_BACKEND_NA
             f"unquantised or fp8 e4m3 with a per-layer scale; use one of {SUPPORTED_KV_CACHE_DTYPES} "
             "('fp8' means e4m3)."
         )
+    if kv_cache_dtype in FP8_KV_CACHE_DTYPES:
+        refusal = fp8_cache_refusal(cuda_capability(), "Leave out --kv-cache-dtype (or pass auto) on this GPU.")
+        if refusal:
+            raise ValueError(f"{flag} --kv-cache-dtype {kv_cache_dtype}: {refusal}")
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """(major, minor) of the NVIDIA GPU vLLM runs on, None elsewhere (vLLM's query: no CUDA
+    initialisation in the engine's main process)."""
+    if not current_platform.is_cuda():
+        return None
+    capability = current_platform.get_device_capability()
+    return None if capability is None else (capability.major, capability.minor)
 
 
 def check_mla_args(mla_args: dict, backend_name: str) -> None:

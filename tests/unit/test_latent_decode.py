@@ -1,14 +1,20 @@
 """MLA through the paged seam (one slice, exact), the cache write, and the no-host-sync rule."""
 
+import copy
 import math
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mla_plugin.ops import LatentSlices, gather_sequence, paged_latent_attention, write_latent_cache
+from mla_plugin.ops import LatentSlices, gather_sequence, latent_cache, paged_latent_attention, write_latent_cache
+from mla_plugin.ops.kernel_choice import KERNEL_CALLS
+from mla_plugin.ops.latent_cache import FP8_CACHE_DTYPE, is_fp8_cache, quantize_fp8
 from mla_plugin.ops.reference import absorbed_attention, expanded_attention
+from tests.unit.decode_step import MODES, decode_step, fill, make_buffers
 from tests.unit.paged_cases import MIXED_REQUESTS, make_batch, make_paged_case, mla_reference, per_request
+
+HAS_CUDA = torch.cuda.is_available()
 
 
 def paged_decode(q_lat, q_rope, cache, block_table, seq_lens, scale, **kwargs):
@@ -197,17 +203,21 @@ HOST_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "uni
 MASK_INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
 
+class HostSync(Exception):
+    """A tensor's value was needed on the host (raised by the detectors below)."""
+
+
 class HostSyncDetector(TorchDispatchMode):
     """Fails on any aten op that needs a tensor's value on the host."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         if name in HOST_SYNC_OPS:
-            raise AssertionError(f"host synchronisation: aten.{name}")
+            raise HostSync(f"host synchronisation: aten.{name}")
         if name in MASK_INDEX_OPS and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
         ):
-            raise AssertionError(f"host synchronisation: aten.{name} with a boolean mask")
+            raise HostSync(f"host synchronisation: aten.{name} with a boolean mask")
         return func(*args, **(kwargs or {}))
 
 
@@ -216,7 +226,7 @@ def forbid_host_reads(monkeypatch):
 
     def refuse(name):
         def method(self, *args, **kwargs):
-            raise AssertionError(f"host synchronisation: Tensor.{name}")
+            raise HostSync(f"host synchronisation: Tensor.{name}")
 
         return method
 
@@ -226,18 +236,22 @@ def forbid_host_reads(monkeypatch):
 
 def test_host_sync_detectors_work(monkeypatch):
     x = torch.tensor([1.0, 0.0])
-    with HostSyncDetector(), pytest.raises(AssertionError, match="host synchronisation"):
+    with HostSyncDetector(), pytest.raises(HostSync, match="aten._local_scalar_dense"):
         x.max().item()
-    with HostSyncDetector(), pytest.raises(AssertionError, match="host synchronisation"):
+    with HostSyncDetector(), pytest.raises(HostSync, match="aten.index with a boolean mask"):
         x[x > 0]
-    with HostSyncDetector(), pytest.raises(AssertionError, match="host synchronisation"):
+    with HostSyncDetector(), pytest.raises(HostSync, match="aten.index_put_ with a boolean mask"):
+        x[x > 0] = 2.0
+    with HostSyncDetector(), pytest.raises(HostSync, match="aten.nonzero"):
         torch.nonzero(x)
     with monkeypatch.context() as m:
         forbid_host_reads(m)
-        with pytest.raises(AssertionError, match="host synchronisation"):
+        with pytest.raises(HostSync, match="Tensor.tolist"):
             x.tolist()
-        with pytest.raises(AssertionError, match="host synchronisation"):
+        with pytest.raises(HostSync, match="Tensor.__bool__"):
             bool(x[0])
+        with pytest.raises(HostSync, match="Tensor.__int__"):
+            int(x[0])
 
 
 CALLS = [  # (softmax, num_shards, shards_local, with an all-reduce, queries per request)
@@ -283,3 +297,96 @@ def test_cache_must_be_slot_rows():
     with pytest.raises(ValueError, match="one run of rows"):
         paged_decode(torch.zeros(1, 2, 8), torch.zeros(1, 2, 2), cache, torch.zeros(1, 2, dtype=torch.int32),
                      torch.tensor([3]), 1.0)
+
+
+# ---- the whole decode step: cache write + attention + merge ----------------------------
+
+STEP_KERNELS = [
+    pytest.param("torch"),
+    pytest.param("triton", marks=pytest.mark.skipif(
+        HAS_CUDA, reason="this process compiles the kernels for CUDA; the interpreter cases run on CPU-only machines")),
+]
+CACHE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": FP8_CACHE_DTYPE}
+
+
+def step_case(mode, cache_dtype, rng):
+    """Three decode requests and two padded rows (slot -1); the sharded ranks hold 16 of 32 latent columns."""
+    d_loc = 16 if mode in ("exact_tp", "grouped") else 32
+    query_dtype = torch.bfloat16 if cache_dtype == torch.bfloat16 else torch.float32
+    buffers = make_buffers(batch=3, padded=2, heads=4, d_loc=d_loc, d_r=8, block_size=4, width=4,
+                           cache_dtype=cache_dtype, query_dtype=query_dtype)
+    fill(buffers, seq_lens=[5, 16, 1], prefix_lens=[9, 3, 0], gen=rng)
+    return buffers
+
+
+def cache_bytes(cache):
+    """The cache's bytes (NaN-safe equality; fp8 as stored)."""
+    return cache.view(torch.uint8) if is_fp8_cache(cache) else cache.view(-1).view(torch.uint8)
+
+
+def run_checked(step, monkeypatch):
+    with monkeypatch.context() as m:
+        forbid_host_reads(m)
+        with HostSyncDetector():
+            return step()
+
+
+@pytest.mark.parametrize("kernel", STEP_KERNELS)
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+@pytest.mark.parametrize("mode", MODES)
+def test_whole_decode_step_reads_nothing_on_the_host(mode, cache_dtype, kernel, monkeypatch, rng):
+    """The step a captured CUDA graph replays (write with padded slots, attention, LSE merge),
+    for every backend mode, cache dtype and implementation: no tensor value read on the host,
+    and the same bytes as the unwatched run."""
+    buffers = step_case(mode, CACHE_DTYPES[cache_dtype], rng)
+    unwatched = copy.deepcopy(buffers)
+    expected = decode_step(unwatched, mode, kernel, max_seq_len=16)
+    before = KERNEL_CALLS[kernel]
+    result = run_checked(lambda: decode_step(buffers, mode, kernel, max_seq_len=16), monkeypatch)
+    assert KERNEL_CALLS[kernel] - before == (2 if mode in ("mla", "exact_tp") else 1), f"{kernel} did not run"
+    assert torch.equal(cache_bytes(buffers.cache), cache_bytes(unwatched.cache))
+    for got, want in zip(result, expected):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        assert torch.isfinite(got[:3]).all()
+
+
+def masked_write(kv_c_normed, k_pe, cache, slot_mapping, scale=None):
+    """The write as it was before (boolean-mask indexing: a nonzero, a host sync on CUDA)."""
+    rows = torch.cat([kv_c_normed, k_pe.reshape(k_pe.shape[0], -1)], dim=-1)
+    slots = slot_mapping[: rows.shape[0]].to(torch.long)
+    valid = slots >= 0
+    stored = quantize_fp8(rows[valid], scale) if is_fp8_cache(cache) else rows[valid].to(cache.dtype)
+    cache.view(-1, cache.shape[-1])[slots[valid]] = stored
+
+
+def test_planted_mask_in_the_write_is_caught(monkeypatch, rng):
+    buffers = step_case("mla", torch.float32, rng)
+    run_checked(lambda: decode_step(copy.deepcopy(buffers), "mla", "torch", max_seq_len=16), monkeypatch)
+    monkeypatch.setattr(latent_cache, "write_latent_cache", masked_write)
+    with pytest.raises(HostSync, match="aten.index with a boolean mask"):
+        run_checked(lambda: decode_step(buffers, "mla", "torch", max_seq_len=16), monkeypatch)
+
+
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
+def test_write_without_a_valid_row_changes_nothing(cache_dtype, rng):
+    """A batch of padding only (slot -1 everywhere): every byte of the cache stays as it was."""
+    dtype = CACHE_DTYPES[cache_dtype]
+    cache = torch.randn(3, 4, 12, generator=rng)
+    cache[0, 0, :5] = float("nan")  # slot 0, the redirect target, holds NaN and values
+    cache = quantize_fp8(cache, 0.1) if dtype == FP8_CACHE_DTYPE else cache.to(dtype)
+    before = cache.clone()
+    scale = torch.tensor([0.1]) if dtype == FP8_CACHE_DTYPE else None
+    write_latent_cache(torch.randn(3, 8, generator=rng), torch.randn(3, 1, 4, generator=rng), cache,
+                       torch.tensor([-1, -1, -1]), scale=scale)
+    assert torch.equal(cache_bytes(cache), cache_bytes(before))
+
+
+def test_padded_rows_write_the_same_bytes_as_the_masked_write(rng):
+    """Padded rows in front of, between and after valid ones: the cache equals the boolean-mask write."""
+    cache = torch.full((4, 4, 12), float("nan"))
+    latent, rope = torch.randn(6, 8, generator=rng), torch.randn(6, 1, 4, generator=rng)
+    slots = torch.tensor([-1, 9, -1, 2, 14, -1])
+    expected = cache.clone()
+    masked_write(latent, rope, expected, slots)
+    write_latent_cache(latent, rope, cache, slots)
+    assert torch.equal(cache_bytes(cache), cache_bytes(expected))
