@@ -9,7 +9,7 @@ makes the model worse.
 
 Run it (default model: the bundled tiny DeepSeek-V2; about half a minute on 2 CPU cores):
 
-    .venv/bin/python examples/ppl_regression_check.py --text ../shared/data/wikitext-2/test.raw.txt \
+    .venv/bin/python examples/ppl_regression_check.py --text wikitext-2-raw/wiki.test.raw \
         --baseline 363.2201 [--rel-tol 0.01] [--window 256] [--max-windows 8] \
         [--attention-backend mla_plugin] [--engine vllm|transformers]
 

@@ -351,7 +351,7 @@ def _add_gqa_to_mla(convert) -> None:
                     "has no latent RMSNorm; vLLM with the plugin serves it with no flags, transformers "
                     "loads it with trust_remote_code=True. Exact form: --rope-dim = kv_heads x head_dim "
                     "and --kv-lora-rank = kv_heads x head_dim (no calibration needed).",
-        example="mla-plugin convert gqa-to-mla llama/ llama-mla/ --kv-lora-rank 256 --rope-dim 64 "
+        example="mla-plugin convert gqa-to-mla llama/ llama-mla/ --kv-lora-rank 448 --rope-dim 64 --freqfold 2 "
                 "--calib-text wiki.valid.raw")
     to_mla.add_argument("src", help="source checkpoint folder (Llama, Mistral or Qwen2 layout)")
     to_mla.add_argument("dst", help="output folder: new or empty")

@@ -1,4 +1,4 @@
-"""The list of vLLM touch points, without vLLM: README agrees with it, only compat.py imports
+"""The list of vLLM touch points, without vLLM: docs/touch_points.md agrees with it, only compat.py imports
 vLLM, the plugin's modules import each other without cycles, and a moved internal gives
 one message naming the vLLM version and every touch point that moved."""
 
@@ -23,18 +23,18 @@ from mla_plugin.vllm.touch_points import (
 )
 
 PACKAGE = Path(mla_plugin.__file__).parent
-README = PACKAGE.parent / "README.md"
+TOUCH_POINTS_PAGE = PACKAGE.parent / "docs" / "touch_points.md"  # linked from the README
 # vLLM's public API (not internals) may be imported where an engine is started.
 PUBLIC_VLLM_NAMES = {"LLM", "SamplingParams"}
 
 
-def test_readme_lists_every_touch_point():
-    text = README.read_text()
+def test_docs_list_every_touch_point():
+    text = TOUCH_POINTS_PAGE.read_text()
     start, end = "<!-- touch-points:start -->\n", "<!-- touch-points:end -->"
-    assert start in text and end in text, "README lost the touch-point markers"
+    assert start in text and end in text, "docs/touch_points.md lost the touch-point markers"
     listed = text[text.index(start) + len(start):text.index(end)].strip()
     assert listed == readme_table(), (
-        "README's touch-point table differs from mla_plugin/vllm/touch_points.py; paste "
+        "docs/touch_points.md's vLLM table differs from mla_plugin/vllm/touch_points.py; paste "
         "mla_plugin.vllm.touch_points.readme_table() between the markers")
 
 
