@@ -8,7 +8,7 @@ room for one converted copy per calibrated row (each conversion streams; calibra
 loads the model once through transformers). Rows, all wikitext-2 test, window 2048
 (the published protocol), through vLLM:
 
-    MLA (vLLM's default backend)                  published 6.3102
+    MLA (vLLM's default backend, or --mla-backend)  published 6.3102
     naive GLA load: grouped + local RMSNorm       published 21.05
     partitioned + global RMSNorm, logit scale g   the published fix, 7.24
     + hadamard basis
@@ -32,10 +32,10 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared/data/wikitext-2"
 
 
-def rows(shards: int):
+def rows(shards: int, mla_backend: str | None = None):
     """(label, conversion kwargs or None, vLLM overrides)."""
     gla = "mla_plugin_gla"
-    yield "MLA", None, dict(attention_backend=None)
+    yield "MLA", None, dict(attention_backend=mla_backend)
     yield "naive GLA load (grouped, local norm)", None, dict(
         attention_backend=gla, hf_overrides={"mla_plugin": dict(shards=shards, softmax="grouped", rmsnorm="local")})
     yield "partitioned, global norm, logit scale g", None, dict(
@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--max-windows", type=int)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--work", type=Path, help="where converted copies go (default: a temp dir)")
+    parser.add_argument("--mla-backend", help="vLLM backend of the MLA row (default: vLLM's choice; on a CPU "
+                        "with AMX tiles that is AMX_MLA, which takes no float32: name CPU_MLA)")
     parser.add_argument("--cpu", action="store_true", help="CPU engine settings (exact, eager, in-process)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -85,7 +87,7 @@ def main() -> None:
     text = args.text.read_text(encoding="utf-8")
     records = []
     print("| setting | ppl | vs MLA |\n|---|---:|---:|", flush=True)
-    for index, (label, conversion, overrides) in enumerate(rows(args.shards)):
+    for index, (label, conversion, overrides) in enumerate(rows(args.shards, args.mla_backend)):
         model = args.model
         if conversion is not None:
             model = work / f"converted_{index}"

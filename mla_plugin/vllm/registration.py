@@ -19,7 +19,8 @@ What ``register()`` does, idempotently:
    (see cpu_rope_fix.py).
 4. Wraps the platform's config check to reject bad requests early and clearly (a model
    without MLA, a quantised KV cache) and to keep a user-chosen block size, which
-   the CPU platform otherwise forces to 16 for every MLA model.
+   the CPU platform otherwise forces to 16 for every MLA model, and the user's chunked
+   prefill and prefix caching, which it otherwise turns off (SchedulingChoice).
 5. Has vLLM's DeepSeek-V2 attention replaced, once that module is imported, where the
    sharded-latent layout or a converted checkpoint asks for it (deepseek_hook.py).
 6. Registers the architecture converted checkpoints declare (model_registry.py), and
@@ -32,6 +33,7 @@ converted one), nothing vLLM does changes.
 
 import functools
 import logging
+from dataclasses import dataclass
 
 from mla_plugin import GLA_BACKEND_NAME, MLA_BACKEND_NAME
 from mla_plugin.vllm.backends import BACKENDS, on_backend_selected, requested_backend
@@ -153,6 +155,46 @@ def check_declared_layout(vllm_config) -> None:
                             vllm_config.parallel_config.tensor_parallel_size)
 
 
+@dataclass(frozen=True)
+class SchedulingChoice:
+    """Chunked prefill, prefix caching and the token budget as they stood before the platform's check.
+
+    vLLM's CPU platform turns chunked prefill and prefix caching off for every MLA model (its own
+    CPU MLA reads no cached context) unless the CPU has AMX tiles, so the same command ran different
+    code on different machines. Our backends read cached context (mla_plugin_gla: its own ops over
+    the paged cache; mla_plugin: vLLM's MLA prefill over context chunks), so the user's settings
+    stand. One exception: mla_plugin with an fp8 cache on a CPU, where vLLM's CPU context gather
+    reads no fp8; there vLLM's choice (both off) stands, said in one log line.
+    """
+
+    chunked_prefill: bool | None
+    prefix_caching: bool | None
+    max_num_batched_tokens: int | None
+
+    @classmethod
+    def of(cls, vllm_config) -> "SchedulingChoice":
+        scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
+        return cls(scheduler.enable_chunked_prefill, cache.enable_prefix_caching, scheduler.max_num_batched_tokens)
+
+    def restore(self, vllm_config, name: str) -> None:
+        if SchedulingChoice.of(vllm_config) == self:
+            return
+        from mla_plugin.vllm.compat import current_platform
+
+        fp8_context = str(vllm_config.cache_config.cache_dtype).startswith("fp8")
+        if name == MLA_BACKEND_NAME and fp8_context and current_platform.is_cpu():
+            logger.info("mla_plugin: %s with an fp8 cache on CPU runs without chunked prefill and prefix "
+                        "caching (vLLM's CPU MLA prefill reads no fp8 context)", name)
+            return
+        scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
+        scheduler.enable_chunked_prefill = self.chunked_prefill
+        cache.enable_prefix_caching = self.prefix_caching
+        scheduler.max_num_batched_tokens = self.max_num_batched_tokens
+        logger.info("mla_plugin: %s reads cached context; keeping chunked prefill=%s, prefix caching=%s, "
+                    "max_num_batched_tokens=%s", name, self.chunked_prefill, self.prefix_caching,
+                    self.max_num_batched_tokens)
+
+
 def _install_platform_hooks() -> None:
     from mla_plugin.vllm.compat import current_platform
 
@@ -191,6 +233,7 @@ def _install_platform_hooks() -> None:
         validate_request(vllm_config, name)
         cache_config = vllm_config.cache_config
         user_block = cache_config.block_size if cache_config.user_specified_block_size else None
+        scheduling = SchedulingChoice.of(vllm_config)
         original_check(cls, vllm_config)
         if user_block is not None and cache_config.block_size != user_block:
             logger.info(
@@ -198,6 +241,7 @@ def _install_platform_hooks() -> None:
                 "(the platform asked for %d)", name, user_block, cache_config.block_size,
             )
             cache_config.block_size = user_block
+        scheduling.restore(vllm_config, name)
 
     platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
     platform_cls.check_and_update_config = classmethod(check_and_update_config)

@@ -83,13 +83,18 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                "wrapped: clear errors for bad requests, a declared layout picks its backend, "
                "a user block size is kept", starts_with("vllm_config")),
     TouchPoint("vllm config", "vllm.config:VllmConfig",
-               "read: attention_config.backend, model_config, cache_config, parallel_config",
-               has_fields("attention_config", "model_config", "cache_config", "parallel_config")),
+               "read: attention_config.backend, model_config, cache_config, parallel_config, scheduler_config",
+               has_fields("attention_config", "model_config", "cache_config", "parallel_config",
+                          "scheduler_config")),
     TouchPoint("attention config", "vllm.config.attention:AttentionConfig",
                "backend: read, and set when a checkpoint declares its layout", has_fields("backend")),
     TouchPoint("cache config", "vllm.config:CacheConfig",
-               "cache_dtype checked; block_size restored when user_specified_block_size",
-               has_fields("block_size", "user_specified_block_size", "cache_dtype")),
+               "cache_dtype checked; block_size restored when user_specified_block_size; enable_prefix_caching "
+               "restored after the CPU platform's check (registration.SchedulingChoice)",
+               has_fields("block_size", "user_specified_block_size", "cache_dtype", "enable_prefix_caching")),
+    TouchPoint("scheduler config", "vllm.config:SchedulerConfig",
+               "enable_chunked_prefill and max_num_batched_tokens restored after the CPU platform's check "
+               "(registration.SchedulingChoice)", has_fields("enable_chunked_prefill", "max_num_batched_tokens")),
     TouchPoint("model config", "vllm.config:ModelConfig",
                "use_mla and hf_config read to validate a request", all_of(has("use_mla"), has_fields("hf_config"))),
     TouchPoint("current vllm config", "vllm.config:get_current_vllm_config",

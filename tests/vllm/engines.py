@@ -26,8 +26,9 @@ PROMPTS = [
     "performed in 2001 at the Royal Court Theatre .",
 ]
 
-# The tests' engine, on top of the exact CPU settings (mla_plugin.vllm.engine): fp32, small, seeded.
-TEST_ENGINE = dict(dtype="float32", max_model_len=512, max_num_seqs=8, seed=0)
+# The tests' engine, on top of the exact CPU settings (mla_plugin.vllm.engine): fp32, small, seeded,
+# and block 16 named (vLLM picks 16 or 128 by the CPU's AMX tiles otherwise).
+TEST_ENGINE = dict(dtype="float32", max_model_len=512, max_num_seqs=8, seed=0, block_size=16)
 
 
 def _collect(outputs) -> dict:
@@ -72,16 +73,18 @@ def run_engine(
 
 
 def run_engines_subprocess(
-    tmp_dir: Path, runs: list[dict], env: dict | None = None, timeout: float = 900
+    tmp_dir: Path, runs: list[dict], env: dict | None = None, timeout: float = 900,
+    module: str = "tests.vllm.engines",
 ) -> tuple[list[dict], str]:
-    """Several run_engine calls, one after another, in one fresh Python (spawn start)."""
+    """Several run_engine calls (or ``module``'s own runner: its ``__main__`` takes the same
+    arguments), one after another, in one fresh Python (spawn start)."""
     out_file = Path(tmp_dir) / "engine_results.json"
     full_env = dict(os.environ)
     full_env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     full_env["PYTHONPATH"] = str(REPO) + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env.update(env or {})
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.vllm.engines", json.dumps(runs), str(out_file)],
+        [sys.executable, "-m", module, json.dumps(runs), str(out_file)],
         cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
     log = proc.stdout + proc.stderr

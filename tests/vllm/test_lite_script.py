@@ -15,7 +15,7 @@ def test_lite_script_on_the_fixture(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts/deepseek_v2_lite_gla.py"), "--model", str(trained_fixture("deepseek-v2-tiny")),
-         "--tp", "1", "--cpu", "--dtype", "float32", "--window", "128", "--max-windows", "4",
+         "--tp", "1", "--cpu", "--mla-backend", "CPU_MLA", "--dtype", "float32", "--window", "128", "--max-windows", "4",
          "--calib-tokens", "2048", "--calib-window", "128", "--calib-text", str(calibration_text()),
          "--text", str(wikitext_file("test.raw.txt")), "--work", str(tmp_path / "work"), "--json", str(out)],
         capture_output=True, text=True, timeout=900, env=env)

@@ -24,14 +24,20 @@ def test_ours_ran_and_matches_transformers_576(ours_576, tiny_ds_576):
 
 
 def test_ours_matches_cpu_mla_576(ours_576, tiny_ds_576):
-    # No --attention-backend: the installed plugin must not change vLLM's choice.
+    # vLLM's own CPU MLA named: on a CPU with AMX tiles vLLM's default is AMX_MLA, which takes no fp32.
     before = DECODE_CALLS.get("MLA_PLUGIN", 0)
-    cpu_mla = run_engine(tiny_ds_576, backend=None)
-    assert DECODE_CALLS.get("MLA_PLUGIN", 0) == before, "plugin ran without being asked"
+    cpu_mla = run_engine(tiny_ds_576, backend="CPU_MLA")
+    assert DECODE_CALLS.get("MLA_PLUGIN", 0) == before, "our decode ran for CPU_MLA"
     assert_same_logprobs(ours_576, cpu_mla, atol=1e-4)
-    explicit = run_engine(tiny_ds_576, backend="CPU_MLA", prompts=PROMPTS[:1], max_tokens=4)
-    assert DECODE_CALLS.get("MLA_PLUGIN", 0) == before
-    assert explicit["prompt_logprobs"][0] == cpu_mla["prompt_logprobs"][0]
+
+
+def test_no_backend_named_leaves_vllm_choice(tiny_ds_576):
+    # No --attention-backend: the installed plugin must not change vLLM's choice (CPU_MLA, or
+    # AMX_MLA on a CPU with AMX tiles; bf16, which both take).
+    before = DECODE_CALLS.get("MLA_PLUGIN", 0)
+    default = run_engine(tiny_ds_576, backend=None, dtype="bfloat16", prompts=PROMPTS[:1], max_tokens=4)
+    assert DECODE_CALLS.get("MLA_PLUGIN", 0) == before, "plugin ran without being asked"
+    assert len(default["tokens"][0]) == 4
 
 
 @pytest.mark.parametrize("block_size", [16, 8])
