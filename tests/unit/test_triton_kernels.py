@@ -242,3 +242,116 @@ def test_cuda_graph_replay_follows_new_inputs(kernels, mode, rng):
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(captured, call(), atol=0, rtol=0)
+
+
+# ---- bounded memory of the exact path over ranks ----------------------------------------
+
+def test_partial_logits_bound_at_deepseek_v3_sizes(kernels):
+    """The stated bound: at 128 heads the partial logits of one chunk never exceed 256 MiB,
+    at any context (163,840 here), for 8192 prefill tokens and for decode batches."""
+    budget = 256 << 20
+    assert kernels.LOGITS_BUDGET_BYTES == budget
+    for tokens, want_keys in ((8192, 64), (64, 8192), (1, 163840)):
+        keys = kernels.logits_chunk_keys(tokens, 128, 163840)
+        assert keys == want_keys and tokens * 128 * keys * 4 <= budget
+    assert 8192 * 128 * 163840 * 4 > 600 * budget  # unchunked: 640 GiB
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_exact_over_ranks_chunks_the_context_within_the_budget(kernels, device, rng):
+    """Two simulated ranks (one slice each) with a budget smaller than the unchunked partial
+    logits: the all-reduce sees one buffer per chunk, each within the budget, and the result
+    equals the float64 reference (and the unchunked run)."""
+    d_c, d_r, heads, block_size = 64, 16, 4, 16
+    requests = [(1, 150), (3, 70), (1, 1), (1, 129)]
+    case, q_lat, q_rope, qsl = make_batch(requests, d_c, d_r, heads, block_size, torch.float32, rng)
+    tokens, length, scale = q_lat.shape[0], 150, 0.2
+    budget = tokens * heads * 4 * 64  # one 64-key tile
+    assert tokens * heads * length * 4 > 2 * budget
+    partial = {0: [], 1: []}
+    sizes = []
+
+    def one_rank(rank, collect, budget_bytes):
+        cache, q_part = rank_view(case.cache, q_lat, d_c, 2, rank, 1)
+        calls = iter(range(10**6))
+
+        def all_reduce(logits):
+            sizes.append(logits.numel() * logits.element_size())
+            if collect:
+                partial[rank].append(logits.clone())
+                return None
+            i = next(calls)
+            return partial[0][i].to(logits.device) + partial[1][i].to(logits.device)
+
+        slices = LatentSlices(num_shards=2, shard_offset=rank, shards_local=1, softmax="exact")
+        args = on(device, q_part.contiguous(), q_rope, cache.contiguous(), qsl, case.seq_lens, case.block_table)
+        return kernels.triton_paged_latent_attention(*args, scale, slices, all_reduce, length, True,
+                                                     logits_budget_bytes=budget_bytes)
+
+    for rank in (0, 1):
+        one_rank(rank, True, budget)
+    chunks = len(partial[0])
+    assert chunks == 3 and max(sizes) <= budget, (chunks, sizes)
+    sizes.clear()
+    parts = [one_rank(rank, False, budget) for rank in (0, 1)]
+    out = torch.cat([p[0].cpu() for p in parts], dim=-1)
+    lse = parts[0][1].cpu()
+    assert len(sizes) == 2 * chunks
+    want = mla_reference(q_lat, q_rope, qsl, case, scale)  # exact over all slices = MLA
+    for got, ref in zip(per_request(out, qsl), want):
+        torch.testing.assert_close(got, ref, atol=2e-5, rtol=2e-5)
+    assert (out[int(qsl[-1]):] == 0).all() and (lse[int(qsl[-1]):] == float("-inf")).all()
+    torch.testing.assert_close(parts[1][1].cpu(), lse, atol=0, rtol=0)  # both ranks: one softmax
+
+
+# ---- the GPU's launch configurations for 64+ heads per stream, in the interpreter ----------
+
+V3_CASES = [  # (mode, num_shards, heads per stream): 128 heads as DeepSeek-V3 / R1
+    ("mla", 1, 128), ("exact_tp", 2, 128), ("partitioned", 2, 128), ("grouped", 2, 64),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,num_shards,per_stream", V3_CASES)
+def test_many_heads_configuration_matches_float64_reference(kernels, mode, num_shards, per_stream, device,
+                                                            monkeypatch, rng):
+    """The tiles a GPU takes for 64+ heads per stream (BLOCK_H = 64), at 128 heads, d_c 512,
+    d_R 64, forced in the interpreter through TUNING; a few tokens over a short context."""
+    d_c, d_r, heads, block_size = 512, 64, 128, 16
+    gpu = kernels.gpu_launch_config(d_c // num_shards, per_stream)
+    assert gpu["block_h"] == 64
+    if device == "cpu":
+        monkeypatch.setattr(kernels, "TUNING", {"block_h": gpu["block_h"], "block_n": gpu["block_n"]})
+    assert kernels.launch_config(d_c // num_shards, per_stream, torch.device(device))["block_h"] == 64
+    requests = [(2, 9), (1, 33)]  # few query rows: the merge runs one interpreted program per (row, head)
+    case, q_lat, q_rope, qsl = make_batch(requests, d_c, d_r, heads, block_size, torch.float32, rng, padded_rows=1)
+    scale = 1.0 / math.sqrt(192)
+    softmax = "exact" if mode in ("mla", "exact_tp") else mode
+    expected = sharded_latent_attention(per_request(q_lat, qsl), per_request(q_rope, qsl), case.latents,
+                                        case.rope_keys, scale, num_shards=num_shards, softmax_mode=softmax)
+    if mode == "exact_tp":  # two ranks; the all-reduce adds the other rank's partial logits
+        partial = {}
+
+        def rank_out(rank, collect):
+            cache, q_part = rank_view(case.cache, q_lat, d_c, 2, rank, 1)
+
+            def all_reduce(logits):
+                if collect:
+                    partial[rank] = logits.clone()
+                    return None
+                return sum(p.to(logits.device) for p in partial.values())
+
+            view = type(case)(cache.contiguous(), case.block_table, case.seq_lens, case.latents, case.rope_keys)
+            slices = LatentSlices(num_shards=2, shard_offset=rank, shards_local=1, softmax="exact")
+            return run(view, q_part.contiguous(), q_rope, qsl, scale, device, slices=slices, all_reduce=all_reduce,
+                       max_query_len=2, max_seq_len=33).cpu()
+
+        for rank in (0, 1):
+            rank_out(rank, True)
+        out = rank_out(0, False)  # rank 0's half of the latent output
+        expected = [want[..., : d_c // 2] for want in expected]
+    else:
+        slices = LatentSlices(num_shards=num_shards, shards_local=num_shards, softmax=softmax)
+        out = run(case, q_lat, q_rope, qsl, scale, device, slices=slices, max_query_len=2, max_seq_len=33).cpu()
+    for got, want in zip(per_request(out, qsl), expected):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
