@@ -34,42 +34,61 @@ from mla_plugin.fixtures.tiny_models import make_tiny_deepseek_family
 from tests.conftest import seed_for
 from tests.converters import calibration_text
 
-# bf16 storage of the folded weights (8-bit mantissa) against float32 logprobs of the fp8 source:
-# measured about 0.02 at most on these models; quantising to fp8 moves them by about 1.
-BF16_LOGPROB_TOL = 0.06
+# Max |logprob difference| over every token and the whole vocabulary, layer 1's experts pinned to the
+# reference's (_run). Measured over 8 fresh seeds (2026-12-07, CPU): bf16 storage of the folded weights
+# (8-bit mantissa) against float32 logprobs of the fp8 source 0.017-0.029 (exact), 0.023-0.034 (grouped
+# group-pca, calibrated); partitioned with fitted λ, μ against the fp32 source 0.059-0.122. Unpinned, 2 of
+# the 8 seeds had one token whose top-k flipped, and that token moved 0.62 and 1.05 nats.
+# Quantising to fp8 moves the logprobs by about 1.
+BF16_LOGPROB_TOL = 0.05
+PARTITIONED_LOGPROB_TOL = 0.25
 FP8_EFFECT_MIN = 0.3
 REWRITTEN = ("kv_a_proj_with_mqa", "kv_b_proj", "q_a_proj")  # per layer, written in bf16
 V3_ROUTING = dict(topk_method="noaux_tc", scoring_func="sigmoid")  # as V3's config.json says (vLLM reads them)
 
 
-def _run(path, ids, *, remote=False):
-    """transformers' log-softmax [B, T, V] and the experts its MoE layer (layer 1) picked per token [B, T, k]."""
+def _gate_weights(gate, router_logits, indices):
+    """The weights transformers' V3 router gives the experts ``indices`` [B·T, k] from its own logits."""
+    weights = router_logits.sigmoid().gather(1, indices)  # [B·T, k]
+    if gate.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    return weights * gate.routed_scaling_factor
+
+
+def _run(path, ids, *, remote=False, routing=None):
+    """transformers' log-softmax [B, T, V] and the experts its MoE layer (layer 1) picked per token [B·T, k].
+
+    ``routing`` (another run's picks) pins layer 1's experts to it, each weighted as this run's router
+    weights it: rounding the rewritten weights to bf16 moves the router's scores a little, and where two
+    experts' scores are nearly tied the top-k choice flips and that token's output jumps (a discontinuity
+    of the MoE function, not an error of the conversion). Pinned, every token can be compared."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=remote).eval()
     picked = []
-    model.model.layers[1].mlp.gate.register_forward_hook(lambda m, args, out: picked.append(out[2].sort(-1)[0]))
+
+    def route(gate, args, out):
+        router_logits, weights, indices = out
+        torch.testing.assert_close(_gate_weights(gate, router_logits, indices), weights)  # the formula is the gate's
+        picked.append(indices)
+        if routing is not None:
+            return router_logits, _gate_weights(gate, router_logits, routing), routing
+        return None
+
+    model.model.layers[1].mlp.gate.register_forward_hook(route)
     with torch.no_grad():
         logprobs = torch.log_softmax(model(ids).logits.double(), -1)
-    return logprobs, picked[0].reshape(*ids.shape, -1)
+    return logprobs, picked[0]
 
 
 def _logprobs(path, ids, *, remote=False):
     return _run(path, ids, remote=remote)[0]
 
 
-def assert_close_where_routed_alike(a, b, tol):
-    """Logprobs within ``tol`` at every token the MoE layer routed to the same experts in both runs.
-
-    Rounding the rewritten weights to bf16 moves the router's scores a little, and where two experts'
-    scores are nearly tied the top-k choice flips: that token's output jumps (the MoE layer is the
-    last, so only that token). Such flips must stay rare (at most 1 token in 8); every other token is
-    held to the bf16 tolerance."""
-    (lp_a, experts_a), (lp_b, experts_b) = a, b
-    alike = (experts_a == experts_b).all(-1)  # [B, T]
-    assert alike.float().mean().item() >= 7 / 8, f"routing differs at {(~alike).sum().item()} tokens"
-    worst = (lp_a - lp_b).abs().amax(-1)[alike].max().item()  # over the vocabulary and alike tokens
-    assert worst < tol, worst
+def max_logprob_diff(a, b) -> float:
+    """Max |log p_a - log p_b| over every token of every batch row and the whole vocabulary."""
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +146,10 @@ def test_exact_conversion_of_an_fp8_source(sources, tmp_path, ids):
     # transformers: the converted checkpoint (fp8 experts etc. dequantised on load) = the fp8 source's
     # function, within bf16 storage of the rewritten weights; far from the unquantised original
     reference = _run(sources["reference"], ids)
-    converted = _run(out, ids)
-    assert_close_where_routed_alike(converted, reference, BF16_LOGPROB_TOL)
-    assert (converted[0] - _logprobs(sources["bf16"], ids)).abs().max().item() > FP8_EFFECT_MIN
+    converted = _run(out, ids, routing=reference[1])
+    worst = max_logprob_diff(converted[0], reference[0])
+    assert worst < BF16_LOGPROB_TOL, worst
+    assert max_logprob_diff(converted[0], _logprobs(sources["bf16"], ids)) > FP8_EFFECT_MIN
 
 
 def test_transformers_loads_the_fp8_source_itself(tmp_path, ids, request):
@@ -143,7 +163,8 @@ def test_transformers_loads_the_fp8_source_itself(tmp_path, ids, request):
     assert (source[0] - _logprobs(dequantised_checkpoint(fp8, tmp_path / "ref"), ids)).abs().max().item() < 1e-5
     assert (source[0] - _logprobs(original, ids)).abs().max().item() > FP8_EFFECT_MIN
     convert_mla_to_gla(fp8, tmp_path / "out", shards=2, softmax="exact", basis="pca", show_progress=False)
-    assert_close_where_routed_alike(_run(tmp_path / "out", ids), source, BF16_LOGPROB_TOL)
+    worst = max_logprob_diff(_run(tmp_path / "out", ids, routing=source[1])[0], source[0])
+    assert worst < BF16_LOGPROB_TOL, worst
 
 
 CALIBRATED = {  # one calibrated mode per source kind (each runs the transformers capture once)
@@ -170,12 +191,13 @@ def test_calibrated_conversion_of_a_v3_source(sources, tmp_path, ids, source_kin
     expert = "model.layers.1.mlp.experts.1.down_proj.weight"
     assert raw_tensor_bytes(all_tensor_names(out)[expert], expert) == raw_tensor_bytes(
         all_tensor_names(src)[expert], expert)
-    converted = _run(out, ids, remote=True)
+    converted = _run(out, ids, remote=True, routing=reference[1])
     assert torch.isfinite(converted[0]).all()
     # partitioned with fitted scales stays near the source; group-pca at g = 2 of d_c 512 (4 heads) is exact
     # up to the bf16 storage
-    tol = 1.0 if settings["softmax"] == "partitioned" else BF16_LOGPROB_TOL
-    assert_close_where_routed_alike(converted, reference, tol)
+    tol = PARTITIONED_LOGPROB_TOL if settings["softmax"] == "partitioned" else BF16_LOGPROB_TOL
+    worst = max_logprob_diff(converted[0], reference[0])
+    assert worst < tol, worst
 
 
 def test_transformers_keeps_exactly_the_rewritten_modules_unquantised(sources, tmp_path):
