@@ -1,10 +1,13 @@
-"""mla_plugin: latent attention (DeepSeek-V2 MLA) for vLLM, as a plugin.
+"""mla_plugin: latent attention (DeepSeek MLA) for vLLM and SGLang, as a plugin.
 
-The package is importable without vLLM: ``mla_plugin.ops`` is plain torch, and
-``mla_plugin.vllm`` is only imported by vLLM's plugin loader (entry point
-``vllm.general_plugins``).
+The package is importable without either framework: ``mla_plugin.ops`` imports only torch
+(and Triton for its GPU kernels), ``mla_plugin.vllm`` is imported by vLLM's plugin loader
+(entry point ``vllm.general_plugins``) and ``mla_plugin.sglang`` by SGLang's
+(``sglang.srt.plugins``).
 """
 
+# The one place the version is written: pyproject.toml reads it (dynamic = ["version"]) and
+# `mla-plugin --version` prints it.
 __version__ = "0.1.0"
 
 # The attention backends, as users name them for ``--attention-backend`` (any case).

@@ -71,7 +71,8 @@ def main() -> None:
     parser.add_argument("arch", choices=sorted(ARCHS))
     parser.add_argument("--text", type=Path, default=DEFAULT_TEXT)
     parser.add_argument("--out", type=Path,
-                        help="default: mla_plugin/fixtures/trained/deepseek-v2-tiny, else tests/fixtures/trained/<name>")
+                        help="default: mla_plugin/fixtures/trained/deepseek-v2-tiny (packaged), "
+                             "else tests/fixtures/trained/<name>")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)

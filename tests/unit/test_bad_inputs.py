@@ -179,8 +179,8 @@ CASES: dict[str, Callable[[Path], Case]] = {
                                                 max_windows=0),
     "ppl-text-not-utf8": lambda t: _ppl_case(t, "is not UTF-8", text=b"caf\xe9 \xff\xfe text\n" * 20),
     "ppl-missing-model-directory": lambda t: _ppl_case(t, "does not exist", model=str(t / "no-such-model")),
-    "ppl-dtype-float33": lambda t: _ppl_case(t, "dtype (--dtype) must be one of float32, bfloat16, float16, got 'float33'",
-                                             dtype="float33"),
+    "ppl-dtype-float33": lambda t: _ppl_case(
+        t, "dtype (--dtype) must be one of float32, bfloat16, float16, got 'float33'", dtype="float33"),
 }
 SUBPROCESS_CASES = ("safetensors-truncated", "logit-scale-abc", "ppl-max-windows-negative")
 
