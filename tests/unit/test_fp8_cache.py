@@ -12,17 +12,21 @@ import torch
 
 from mla_plugin.ops import paged_latent_attention, write_latent_cache
 from mla_plugin.ops.kernel_choice import KERNEL_CALLS
-from mla_plugin.ops.latent_cache import FP8_CACHE_DTYPE, FP8_MAX, quantize_fp8
+from mla_plugin.ops.latent_cache import FP8_CACHE_DTYPE, FP8_MAX, fp8_cache_refusal, quantize_fp8
 from mla_plugin.ops.reference import sharded_latent_attention
 from mla_plugin.ops.sharded_latent import LatentSlices
 from tests.unit.paged_cases import MIXED_REQUESTS, make_batch, per_request, random_logit_scale
 
 HAS_CUDA = torch.cuda.is_available()
+# Why this GPU cannot run the fp8 kernels (below compute capability 8.9), or None.
+GPU_REFUSAL = fp8_cache_refusal(torch.cuda.get_device_capability(), "the backends refuse it") if HAS_CUDA else None
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA"),
+          pytest.mark.skipif(GPU_REFUSAL is not None, reason=str(GPU_REFUSAL))]
 KERNELS = [
     pytest.param("torch", "cpu"),
     pytest.param("triton", "cpu", marks=pytest.mark.skipif(
         HAS_CUDA, reason="this process compiles the kernels for CUDA; the interpreter cases run on CPU-only machines")),
-    pytest.param("triton", "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")]),
+    pytest.param("triton", "cuda", marks=ON_GPU),
 ]
 
 
@@ -82,6 +86,7 @@ def test_fp8_cache_matches_float64_reference(kernel, device, mode, num_shards, r
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.skipif(GPU_REFUSAL is not None, reason=str(GPU_REFUSAL))
 def test_fp8_cache_with_bf16_queries_on_gpu(rng):
     """On a GPU, bf16 queries over an fp8 cache multiply in bf16 (float32 accumulation)."""
     d_c, d_r, heads, block_size, sigma = 512, 64, 16, 64, 0.02
@@ -141,3 +146,15 @@ def test_fp8_cache_exact_over_two_ranks(kernel, device, rng):
                                         case.rope_keys, scale, num_shards=2, softmax_mode="exact")
     for got, want in zip(per_request(out, qsl), expected):
         torch.testing.assert_close(got, want, atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize("capability,refused", [((8, 0), True), ((8, 6), True), ((7, 5), True), ((8, 9), False),
+                                                ((9, 0), False), ((10, 0), False), (None, False)])
+def test_fp8_refusal_below_compute_capability_8_9(capability, refused):
+    """e4m3 needs compute capability 8.9 (Ada, Hopper and newer): one line below it, None from it on
+    (and None off NVIDIA GPUs: nothing to refuse)."""
+    message = fp8_cache_refusal(capability, "Leave out --kv-cache-dtype.")
+    assert (message is not None) == refused
+    if refused:
+        assert "\n" not in message and "8.9 or newer" in message and f"{capability[0]}.{capability[1]}" in message
+        assert message.endswith("Leave out --kv-cache-dtype.")
