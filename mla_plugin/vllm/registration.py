@@ -120,7 +120,10 @@ def validate_request(vllm_config, name: str) -> None:
         if getattr(hf_config, "model_type", None) not in ("deepseek_v2", "deepseek_v3"):
             raise ValueError(
                 f"--attention-backend {name.lower()} serves DeepSeek-V2/V3 checkpoints "
-                f"(model_type deepseek_v2 or deepseek_v3); {model_config.model!r} is {hf_config.model_type!r}."
+                f"(model_type deepseek_v2 or deepseek_v3; it builds DeepSeek-V2's own attention layer), and "
+                f"{model_config.model!r} is {hf_config.model_type!r}, whose model builds its own. Serve it with "
+                f"--attention-backend {MLA_BACKEND_NAME.lower()} (the same latent attention, latent whole on "
+                "every rank)."
             )
         quantization = getattr(model_config, "quantization", None)
         if quantization is not None:
