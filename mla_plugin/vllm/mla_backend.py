@@ -123,10 +123,14 @@ class MLAPluginMetadata(MLACommonMetadata):
 def cudagraph_support(vllm_config) -> "AttentionCGSupport":
     """What our decode allows CUDA graphs to capture.
 
-    The Triton kernels (CUDA, ``kernel_choice.kernel_for``) read no tensor on the host
-    and size every launch from the batch size and heads alone: single-token decode batches
-    can be captured. The plain-torch code loops over the context with a host bound, so
-    it is never captured. An unknown MLA_PLUGIN_KERNEL fails here, at start-up.
+    vLLM captures the whole single-token decode step: the cache write (``write_latent_cache``:
+    padded rows redirected on the device, no mask, no host read) and the Triton kernels (CUDA,
+    ``kernel_choice.kernel_for``), which read no tensor on the host and size every launch from
+    the batch size, heads and the block table's width alone (the exact path over ranks chunks
+    its partial logits and all-reduces within the graph). tests/unit/test_decode_capture.py
+    captures that step in one graph and replays it bit for bit; the host-sync detector runs it
+    on CPU (tests/unit/test_latent_decode.py). The plain-torch code loops over the context with
+    a host bound, so it is never captured. An unknown MLA_PLUGIN_KERNEL fails here, at start-up.
     """
     if not current_platform.is_cuda_alike():
         return AttentionCGSupport.NEVER

@@ -5,8 +5,10 @@ interpreted on CPU tensors. The trained fixture's prompt logprobs and 32 greedy 
 must match transformers within 1e-4 (fp32) for ``mla_plugin`` and ``mla_plugin_gla`` exact
 (TP=1 in this process, TP=2 in spawned workers: the partial-logits kernel and the
 all-reduce), and the partitioned mode must match its plain-torch run. Proof that the Triton
-path ran: the seam's per-kernel counter in this process, ``kernel=triton`` in every
-worker's trace line at TP=2.
+path ran: the seam's per-kernel counter in this process (counted after the kernels were
+launched), and at TP=2 the kernel trace (``ops/trace.KERNEL_TRACE_ENV``), which each worker
+writes after its Triton kernels were launched: every worker that ran our backend launched
+them, and none ran the torch code.
 """
 
 import json
@@ -17,8 +19,9 @@ import pytest
 
 from mla_plugin.fixtures import trained_fixture
 from mla_plugin.ops.kernel_choice import KERNEL_CALLS
+from mla_plugin.ops.trace import KERNEL_TRACE_ENV
 from tests.vllm.engines import assert_matches_transformers, assert_same_logprobs, run_engine, run_engines_subprocess
-from tests.vllm.helpers import TP2_RUNS, gla, trace_lines
+from tests.vllm.helpers import TP2_RUNS, gla, trace_lines, trace_pids
 
 TRITON_ENV = {"MLA_PLUGIN_KERNEL": "triton", "TRITON_INTERPRET": "1"}
 TRAINED = str(trained_fixture("deepseek-v2-tiny"))
@@ -67,9 +70,19 @@ def triton_tp2(tiny_ds_576, tmp_path_factory):
     }
     specs = [dict(spec, tensor_parallel_size=2, distributed_executor_backend="mp", trace_file=str(tmp / f"{name}.trace"))
              for name, spec in runs.items()]
-    results, _ = run_engines_subprocess(tmp, specs, env={**TRITON_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"},
-                                        timeout=1500)
-    return {name: (result, tmp / f"{name}.trace") for name, result in zip(runs, results)}
+    kernels = tmp / "kernels.trace"
+    env = {**TRITON_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1", KERNEL_TRACE_ENV: str(kernels)}
+    results, _ = run_engines_subprocess(tmp, specs, env=env, timeout=1500)
+    return {name: (result, tmp / f"{name}.trace") for name, result in zip(runs, results)}, kernels
+
+
+def kernels_by_pid(kernel_trace: Path) -> dict[str, set[str]]:
+    """pid -> the seam implementations that process launched (``kernel-ran <kernel> pid=<pid>`` lines)."""
+    launched: dict[str, set[str]] = {}
+    for line in trace_lines(kernel_trace):
+        _, kernel, pid = line.split()
+        launched.setdefault(pid.removeprefix("pid="), set()).add(kernel)
+    return launched
 
 
 @pytest.mark.parametrize("name", ["mla", "exact"])
@@ -91,8 +104,12 @@ def test_tp1_partitioned_matches_the_torch_kernel(triton_tp1, tp2_runs):
 
 @pytest.mark.slow
 def test_tp2_through_triton(triton_tp2, tp2_runs):
-    for name, (result, trace) in triton_tp2.items():
-        lines = trace_lines(trace)
-        assert len(lines) == 2 and all("kernel=triton" in line for line in lines), (name, lines)
-    assert_matches_transformers(triton_tp2["exact"][0], TRAINED, atol=1e-4)
-    assert_same_logprobs(triton_tp2["partitioned"][0], tp2_runs["partitioned_random"][0], atol=1e-4)
+    runs, kernel_trace = triton_tp2
+    launched = kernels_by_pid(kernel_trace)
+    assert launched and all(kernels == {"triton"} for kernels in launched.values()), launched
+    for name, (result, trace) in runs.items():
+        workers = trace_pids(trace)  # the processes that ran our decode
+        assert len(workers) == 2, (name, trace_lines(trace))
+        assert all(launched.get(pid) == {"triton"} for pid in workers), (name, workers, launched)
+    assert_matches_transformers(runs["exact"][0], TRAINED, atol=1e-4)
+    assert_same_logprobs(runs["partitioned"][0], tp2_runs["partitioned_random"][0], atol=1e-4)
