@@ -341,6 +341,12 @@ def paged_latent_attention(
     processed at once (rounded down to whole blocks; the default depends only on values
     all ranks share).
 
+    Workspace, bounded independently of T·L: here one chunk's rows and logits, about
+    ``_CHUNK_ELEMENTS`` (4 Mi) values unless one block of the batch is already larger; in the
+    Triton path the exact softmax over ranks chunks its float32 partial logits to at most
+    max(256 MiB, T·H·64·4 bytes), i.e. 256 MiB at 128 heads for up to 8192 query rows at
+    any context (``triton_paged_attention.LOGITS_BUDGET_BYTES``).
+
     ``kernel`` picks the implementation: ``"torch"`` (this module) or ``"triton"``
     (``triton_paged_attention.py``, the same function); None follows ``MLA_PLUGIN_KERNEL``
     and otherwise takes Triton on CUDA (``kernel_choice.py``).
