@@ -5,6 +5,7 @@
     mla-plugin convert mla-to-gla SRC DST --shards G   DeepSeek-V2/V3 (bf16 or fp8) -> sharded-latent layout
     mla-plugin convert gqa-to-mla SRC DST --kv-lora-rank D_C --rope-dim D_R   Llama/Qwen2/Mistral -> MLA
     mla-plugin make-tiny-model DIR  write a tiny random DeepSeek-V2 checkpoint
+    mla-plugin plan MODEL --tp N    cache, weights and collectives per rank of each MLA parallel mode
 
 `mla-plugin COMMAND --help` shows each command's options with their defaults and an example.
 """
@@ -387,6 +388,41 @@ def _add_make_tiny_model(sub) -> None:
     tiny.set_defaults(func=_cmd_make_tiny_model)
 
 
+def _cmd_plan(args) -> int:
+    from mla_plugin.plan import Step, check_options, load_shape, render
+
+    check_options(args.tp, args.batch, args.context, args.kv_cache_dtype)
+    shape = load_shape(args.model)
+    print(render(shape, args.tp, Step(batch=args.batch, context=args.context), args.kv_cache_dtype,
+                 args.format), end="")
+    return 0
+
+
+def _add_plan(sub) -> None:
+    from mla_plugin import plan
+
+    parser = _command(
+        sub, "plan", help="per rank: cache, attention weights and collectives of MLA TP, DCP, DP-attention and "
+                          "the sharded latent's modes, computed from a model config",
+        description="Computed from the config with plain arithmetic (mla_plugin/plan.py), not measured: values "
+                    "cached per token per rank, tokens per GiB per rank, attention weights per rank, the "
+                    "collectives each layer runs per decode step with their bytes, and whether the mode "
+                    "computes MLA's function. A mode that cannot run at --tp is shown as 'not possible: why'.",
+        example="mla-plugin plan docs/plan_configs/deepseek-v3.json --tp 8 --format markdown")
+    parser.add_argument("model", help="checkpoint folder (its config.json) or a config.json path of a "
+                                      "DeepSeek-V2/V3-style (MLA) model")
+    parser.add_argument("--tp", type=int, required=True, help="N, the ranks (TP size; DCP size; DP size; "
+                                                               "latent slices g) (required)")
+    parser.add_argument("--batch", type=int, default=plan.DEFAULT_BATCH,
+                        help="B, requests decoding one token in the step (over all ranks)")
+    parser.add_argument("--context", type=int, default=plan.DEFAULT_CONTEXT,
+                        help="C, cached tokens per request (sizes exact mode's logits all-reduce)")
+    parser.add_argument("--kv-cache-dtype", choices=tuple(plan.CACHE_DTYPES), default=plan.DEFAULT_CACHE_DTYPE,
+                        help="bytes per cached value: bf16 2, fp8 (e4m3, one per-layer scale) 1")
+    parser.add_argument("--format", choices=plan.FORMATS, default="text", help="aligned text or Markdown tables")
+    parser.set_defaults(func=_cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mla-plugin", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -399,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_mla_to_gla(converters)
     _add_gqa_to_mla(converters)
     _add_make_tiny_model(sub)
+    _add_plan(sub)
     return parser
 
 
