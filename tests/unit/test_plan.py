@@ -278,3 +278,12 @@ def test_the_docs_crossover_context_holds():
         moved = dcp["all-gather of the absorbed queries"] + dcp["reduce-scatter of the latent outputs"]
         assert (exact < moved) == exact_cheaper, context
     assert "C = 544" in DOC.read_text()
+
+
+def test_plan_imports_no_framework():
+    """Plain arithmetic: importing the module (and running it) loads no torch, vLLM, SGLang or transformers."""
+    code = ("import sys; from pathlib import Path; from mla_plugin import plan; "
+            "shape = plan.load_shape('docs/plan_configs/deepseek-v3.json'); plan.render(shape, 8, plan.Step(64, 8192)); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'vllm', 'sglang', 'transformers')))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc
