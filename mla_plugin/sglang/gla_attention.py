@@ -38,6 +38,7 @@ that width per rank (gla_pool.py), so each rank's pool holds d_loc + d_R values 
 import torch
 from torch import nn
 
+from mla_plugin import GLA_BACKEND_NAME
 from mla_plugin.gla_options import QueryProjection, ShardingPlan, plan_for, query_projection_of
 from mla_plugin.ops import latent_rmsnorm
 from mla_plugin.sharded_weights import (
@@ -49,7 +50,7 @@ from mla_plugin.sharded_weights import (
 )
 from mla_plugin.sglang import gla_compat as sg
 
-GLA_BACKEND = "mla_plugin_gla"  # the SGLang --attention-backend name
+GLA_BACKEND = GLA_BACKEND_NAME.lower()  # "mla_plugin_gla", the SGLang --attention-backend name
 
 
 

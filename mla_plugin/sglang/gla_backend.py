@@ -8,10 +8,11 @@ d_loc + d_R values. The metadata, the pool writes and the call of ``ops.paged_la
 exact softmax over more than one rank, SGLang's TP all-reduce of the partial logits.
 """
 
+from mla_plugin import GLA_BACKEND_NAME
 from mla_plugin.ops.sharded_latent import LatentSlices, slices_for_plan
 from mla_plugin.sglang.mla_backend import MLAPluginSGLangBackend
 
-GLA_BACKEND = "mla_plugin_gla"
+GLA_BACKEND = GLA_BACKEND_NAME.lower()  # "mla_plugin_gla", as SGLang users name it
 
 
 class NotShardedLatentLayerError(ValueError):

@@ -1,6 +1,7 @@
 """Registration of ``--attention-backend mla_plugin_gla`` (the sharded latent) in SGLang.
 
-Called by the plugin entry point (registration.py) in every SGLang process. It
+Called by the plugin entry point (registration.py) in every SGLang process, after its
+touch points were found in place. It
 
 - registers the backend factory ``mla_plugin_gla`` (gla_backend.py), its CLI choice and a
   DeepSeek handler taking the absorbed path (as ``mla_plugin`` does);
@@ -15,7 +16,7 @@ Called by the plugin entry point (registration.py) in every SGLang process. It
 
 import logging
 
-from mla_plugin.sglang.gla_backend import GLA_BACKEND
+from mla_plugin.sglang.backend_names import GLA_BACKEND, register_backend_name
 
 logger = logging.getLogger("sglang.mla_plugin")
 
@@ -72,7 +73,6 @@ def register() -> None:
     from mla_plugin.sglang import gla_compat as sg
     from mla_plugin.sglang.compat import HookRegistry, HookType
     from mla_plugin.sglang.gla_pool import size_pool_per_rank
-    from mla_plugin.sglang.registration import register_backend_name
 
     register_backend_name(GLA_BACKEND, create_backend)
 

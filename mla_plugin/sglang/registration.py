@@ -1,27 +1,35 @@
 """The ``sglang.srt.plugins`` entry point: ``--attention-backend mla_plugin`` in SGLang.
 
 SGLang's ``load_plugins()`` calls ``register()`` in each of its processes (launcher,
-engine, schedulers = TP ranks, detokenizer). It is idempotent. It checks every SGLang
-internal the plugin touches (``touch_points.verify``), then:
+engine, schedulers = TP ranks, detokenizer). It is idempotent and never raises: SGLang would
+stop every launch. It checks every SGLang internal the plugin touches (``touch_points``); if
+one moved (an untested SGLang), it logs one warning naming the versions tested and installs
+only a refusal (a request for our backends, or a checkpoint declaring a sharded latent, fails
+in the launcher in one line naming them); every other model is served as without the plugin.
+Otherwise it:
 
 - registers the backend factory ``mla_plugin`` (``register_attention_backend``) and adds
-  the name to ``--attention-backend``'s choices;
+  the name to ``--attention-backend``'s choices (backend_names.py);
 - registers a DeepSeek handler (``AttentionBackendRegistry``) that always takes the
   absorbed MLA path (an unregistered name falls back to the triton handler, whose MHA
   prefill would bypass our backend);
-- fills ``moe_layer_freq`` (=1, DeepSeek's own default) and the MoE routing fields in
-  DeepSeek-V2/V3 configs that lack them (configs saved by transformers 5 do; SGLang's
-  DeepSeek model reads them): ``DEEPSEEK_CONFIG_DEFAULTS``, and one expert group for
-  DeepSeek-V2's ungrouped "greedy" routing (``fill_ungrouped_routing``);
-- on CPU only (``SGLANG_USE_CPU_ENGINE=1``), the stand-ins of ``cpu_support.py``.
+- where the plugin serves the model (our backend configured in the process, or one of our
+  converted checkpoints: ``backend_names.plugin_serves``), fills the fields SGLang's DeepSeek
+  model reads that configs saved by transformers 5 lack, on that model's config only:
+  ``moe_layer_freq`` (=1, DeepSeek's own default) and the MoE routing fields
+  (``DEEPSEEK_CONFIG_DEFAULTS``), and one expert group for DeepSeek-V2's ungrouped "greedy"
+  routing (``fill_deepseek_fields``, a BEFORE hook of ``_derive_model_shapes``); other
+  launches' configs are left as SGLang reads them;
+- on CPU only (``SGLANG_USE_CPU_ENGINE=1``), the stand-ins of ``cpu_support.py``;
+- then ``mla_plugin_gla`` (gla_registration.py).
 """
 
 import logging
 
-from mla_plugin import BACKEND_NAMES
 from mla_plugin.errors import MLAPluginInputError
 from mla_plugin.sglang import cpu_support
-from mla_plugin.sglang.mla_backend import BACKEND_NAME
+from mla_plugin.sglang.backend_names import MLA_BACKEND as BACKEND_NAME
+from mla_plugin.sglang.backend_names import plugin_serves, register_backend_name, requested_in
 
 MODEL_SHAPES = "sglang.srt.configs.model_config.ModelConfig._derive_model_shapes"
 
@@ -53,30 +61,6 @@ def create_backend(runner):
     return MLAPluginSGLangBackend(runner)
 
 
-def absorbed_mla_handler(attn, forward_batch):
-    """DeepSeek attention under ``mla_plugin``: always the absorbed MLA path (prefill too)."""
-    from mla_plugin.sglang.compat import AttnForwardMethod
-
-    return AttnForwardMethod.MLA
-
-
-def register_backend_name(name: str, factory) -> None:
-    """``--attention-backend name``: the factory (runner -> backend), the CLI choice and the
-    DeepSeek handler that takes the absorbed path. Idempotent."""
-    from mla_plugin.sglang.compat import (
-        ATTENTION_BACKEND_CHOICES,
-        ATTENTION_BACKENDS,
-        AttentionBackendRegistry,
-        register_attention_backend,
-    )
-
-    if name not in ATTENTION_BACKENDS:
-        register_attention_backend(name)(factory)
-    if name not in ATTENTION_BACKEND_CHOICES:
-        ATTENTION_BACKEND_CHOICES.append(name)
-    AttentionBackendRegistry.register(name, absorbed_mla_handler)
-
-
 # Fields SGLang's DeepSeek model reads that transformers 5's config classes no longer keep,
 # with the values transformers' own DeepSeek models compute with (and DeepSeek's checkpoints carry).
 DEEPSEEK_CONFIG_DEFAULTS = {
@@ -85,28 +69,22 @@ DEEPSEEK_CONFIG_DEFAULTS = {
 }
 
 
-def fill_deepseek_config_defaults() -> None:
-    """DEEPSEEK_CONFIG_DEFAULTS where a DeepSeek-V2/V3 config has none (read at model build);
-    a checkpoint's own value (config.json) always wins."""
-    import transformers
-
-    for name, defaults in DEEPSEEK_CONFIG_DEFAULTS.items():
-        config_class = getattr(transformers, name, None)  # an older transformers: SGLang brings its own
-        for field, value in defaults.items():
-            if config_class is not None and not hasattr(config_class, field):
-                setattr(config_class, field, value)
-
-
-def fill_ungrouped_routing(model_config, *args, **kwargs):
-    """BEFORE hook of ``ModelConfig._derive_model_shapes`` (each process, before the model is built).
+def fill_deepseek_fields(model_config, *args, **kwargs):
+    """BEFORE hook of ``ModelConfig._derive_model_shapes`` (each process, before the model is built):
+    where the plugin serves the model, DEEPSEEK_CONFIG_DEFAULTS where its DeepSeek-V2/V3 config has
+    none (a checkpoint's own value, config.json, always wins), and one expert group for ungrouped
+    routing.
 
     transformers' DeepSeek-V2 "greedy" routing picks the top-k experts over all of them and
     saves ``n_group``/``topk_group`` as null; SGLang always routes grouped and needs both. One
     group with one group kept is the same routing (DeepSeek-V2-Lite's own config says so).
     """
     config = getattr(model_config, "hf_config", None)
-    if getattr(config, "model_type", None) not in ("deepseek_v2", "deepseek_v3"):
+    if getattr(config, "model_type", None) not in ("deepseek_v2", "deepseek_v3") or not plugin_serves(model_config):
         return None
+    for field, value in DEEPSEEK_CONFIG_DEFAULTS.get(type(config).__name__, {}).items():
+        if not hasattr(config, field):
+            setattr(config, field, value)
     if getattr(config, "topk_method", None) == "greedy" and getattr(config, "n_group", 0) is None:
         config.n_group = 1
         if getattr(config, "topk_group", None) is None:
@@ -116,9 +94,7 @@ def fill_ungrouped_routing(model_config, *args, **kwargs):
 
 def check_request_in_launcher(server_args) -> None:
     """Before any scheduler starts: a non-MLA model with our backend is one error, here."""
-    names = {getattr(server_args, key, None) for key in
-             ("attention_backend", "prefill_attention_backend", "decode_attention_backend")}
-    ours = sorted(names & {name.lower() for name in BACKEND_NAMES})
+    ours = requested_in(server_args)
     if not ours:
         return
     from transformers import AutoConfig
@@ -145,12 +121,17 @@ def register() -> None:
 
     if cpu_support.sglang_on_cpu():
         cpu_support.install_import_stand_in()  # processes started without the .pth line
-    touch_points.verify()
+    moved = touch_points.moved()
+    if moved:  # an incompatible SGLang: warn, refuse our backends only, never stop the launch
+        from mla_plugin.sglang.incompatible import register_refusal
+
+        register_refusal(moved)
+        _registered = True
+        return
     from mla_plugin.sglang.compat import HookRegistry, HookType
 
     register_backend_name(BACKEND_NAME, create_backend)
-    fill_deepseek_config_defaults()
-    HookRegistry.register(MODEL_SHAPES, fill_ungrouped_routing, HookType.BEFORE)
+    HookRegistry.register(MODEL_SHAPES, fill_deepseek_fields, HookType.BEFORE)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.check_server_args", _check_server_args_hook,
                           HookType.AFTER)
     if cpu_support.sglang_on_cpu():

@@ -1,8 +1,10 @@
 """Every SGLang internal the plugin relies on, in one list, each with a check.
 
-``verify()`` runs at plugin registration (in every SGLang process that loads plugins)
-and raises one :class:`SGLangTouchPointError` naming the SGLang version and everything
-that moved, instead of an AttributeError deep inside a forward pass. Internals are named
+``moved()`` runs at plugin registration (in every SGLang process that loads plugins). An
+SGLang where one moved still serves every other model (registration.py: one warning); a
+request for our backends there fails in one line (``incompatible_line``, naming the versions
+tested), and ``verify()`` gives the multi-line detail, instead of an AttributeError deep
+inside a forward pass. Internals are named
 ``"module.path:Attribute.sub"``; ``compat.py`` is the only module with ``from sglang ...
 import`` statements and a test checks that each of its names is listed here. The README
 table "How the plugin reaches into SGLang" is ``readme_table()``; a test keeps them equal.
@@ -105,6 +107,7 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                       source_mentions("kv_lora_rank=self.model_config.kv_lora_rank"))),
     TouchPoint("model shapes", "sglang.srt.configs.model_config:ModelConfig._derive_model_shapes",
                "converted checkpoints: MLAPluginDeepseekV2ForCausalLM derives DeepSeek-V2's shapes; before it, "
+               "where the plugin serves the model, DeepSeek's MoE fields transformers 5 does not save are filled and "
                "DeepSeek-V2 \"greedy\" routing saved with n_group null gets one group (1, 1)", exists()),
     TouchPoint("model registry", "sglang.srt.models.registry:ModelRegistry",
                "registers MLAPluginDeepseekV2ForCausalLM (a DeepSeek-V2 model)", has("models", "resolve_model_cls")),
@@ -125,7 +128,8 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                "mla_plugin_gla: the rope of SGLang's DeepSeek module, through its forward_native",
                takes("rope_scaling", "is_neox_style")),
     TouchPoint("configured backend", "sglang.srt.runtime_context:attention_backends",
-               "mla_plugin_gla: is it this process's (prefill, decode) backend", exists()),
+               "is one of ours this process's (prefill, decode) backend (mla_plugin_gla's layer; the DeepSeek "
+               "config fields)", exists()),
     # the low-rank query (q_lora_rank) in mla_plugin_gla, and DeepSeek-V2/V3 MoE configs
     TouchPoint("replicated linear", "sglang.srt.layers.linear:ReplicatedLinear",
                "mla_plugin_gla: the weights every rank holds whole (fused_qkv_a_proj_with_mqa, kv_a_proj_with_mqa, "
@@ -143,7 +147,8 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                source_mentions("qkv_latent_func=self.self_attn.prepare_qkv_latent")),
     TouchPoint("DeepSeek MoE config", "sglang.srt.models.deepseek_v2:DeepseekV2MoE",
                "reads scoring_func, n_group, topk_group (and its gate topk_method): filled where transformers 5 "
-               "configs lack them (registration.DEEPSEEK_CONFIG_DEFAULTS, fill_ungrouped_routing)",
+               "configs lack them, where the plugin serves the model (registration.DEEPSEEK_CONFIG_DEFAULTS, "
+               "fill_deepseek_fields)",
                source_mentions("scoring_func=config.scoring_func", "num_expert_group=config.n_group",
                                "topk_group=config.topk_group")),
 )
@@ -168,6 +173,25 @@ def verify() -> None:
             f"mla_plugin is tested with SGLang {' and '.join(SUPPORTED_SGLANG)}: install it "
             f"(pip install --no-deps sglang=={SUPPORTED_SGLANG[-1]}), or set SGLANG_PLUGINS to leave mla_plugin out."
         )
+
+
+def moved() -> list[TouchPoint]:
+    """The touch points that moved in the installed SGLang."""
+    return [p for p in TOUCH_POINTS if problems(p)]
+
+
+class IncompatibleSGLangError(SGLangTouchPointError):
+    """One of our backends (or a converted checkpoint) asked for in an SGLang whose internals moved."""
+
+
+def incompatible_line(points: list[TouchPoint]) -> str:
+    """One line: this SGLang moved what our backends need, the versions tested, and what to do."""
+    tested = " and ".join(SUPPORTED_SGLANG)
+    return (f"mla_plugin is tested with SGLang {tested}; SGLang {sglang_version()} moved {len(points)} internal(s) "
+            f"its attention backends rely on ({', '.join(p.name for p in points)}), so mla_plugin's backends and "
+            f"converted checkpoints cannot be served here: install it (pip install --no-deps "
+            f"sglang=={SUPPORTED_SGLANG[-1]}), or serve the model without --attention-backend mla_plugin / "
+            "mla_plugin_gla.")
 
 
 def readme_table() -> str:

@@ -6,7 +6,8 @@ import subprocess
 from tests.sglang.helpers import REPO, sglang_env, sglang_python
 
 CHECKS = ["tests/sglang/in_venv/checks_touch_points.py", "tests/sglang/in_venv/checks_cpu_support.py",
-          "tests/sglang/in_venv/checks_backend.py", "tests/sglang/in_venv/checks_gla.py"]
+          "tests/sglang/in_venv/checks_backend.py", "tests/sglang/in_venv/checks_gla.py",
+          "tests/sglang/in_venv/checks_registration_scope.py"]
 
 
 def test_checks_inside_the_sglang_environment():

@@ -106,25 +106,29 @@ def test_deepseek_attention_is_ours_only_under_mla_plugin_gla(plugins, monkeypat
 
 
 def test_deepseek_configs_from_transformers_5_get_the_fields_sglang_reads(plugins):
-    """Configs saved by transformers 5 lack SGLang's MoE fields: DeepSeek's own values are filled
-    (class defaults; a checkpoint's own value wins), and V2's ungrouped "greedy" routing with
-    n_group null gets one group (the same routing); grouped configs and other models are left alone."""
+    """Configs saved by transformers 5 lack SGLang's MoE fields: where the plugin serves the model
+    (here: a converted checkpoint's architecture), DeepSeek's own values are filled on that config (a
+    checkpoint's own value wins), and V2's ungrouped "greedy" routing with n_group null gets one group
+    (the same routing); grouped configs and other models are left alone. Where the plugin does not
+    serve the model nothing is filled: checks_registration_scope.py."""
     from types import SimpleNamespace
 
     from transformers import DeepseekV2Config, DeepseekV3Config
 
-    from mla_plugin.sglang.registration import fill_ungrouped_routing
+    from mla_plugin.checkpoint_format import CONVERTED_ARCHITECTURE
+    from mla_plugin.sglang.registration import fill_deepseek_fields
 
-    v2, v3 = DeepseekV2Config(), DeepseekV3Config()
-    assert (v2.scoring_func, v2.moe_layer_freq) == ("softmax", 1)
+    def served(config):
+        config.architectures = [CONVERTED_ARCHITECTURE]
+        fill_deepseek_fields(SimpleNamespace(hf_config=config))
+        return config
+
+    v2 = served(DeepseekV2Config(topk_method="greedy", n_group=None, topk_group=None))
+    assert (v2.scoring_func, v2.moe_layer_freq, v2.n_group, v2.topk_group) == ("softmax", 1, 1, 1)
+    v3 = served(DeepseekV3Config())
     assert (v3.scoring_func, v3.topk_method, v3.moe_layer_freq) == ("sigmoid", "noaux_tc", 1)
-    assert DeepseekV3Config(scoring_func="softmax").scoring_func == "softmax"
-
-    def routed(**fields):
-        config = SimpleNamespace(**fields)
-        fill_ungrouped_routing(SimpleNamespace(hf_config=config))
-        return config.n_group, config.topk_group
-
-    assert routed(model_type="deepseek_v2", topk_method="greedy", n_group=None, topk_group=None) == (1, 1)
-    assert routed(model_type="deepseek_v2", topk_method="group_limited_greedy", n_group=8, topk_group=3) == (8, 3)
-    assert routed(model_type="llama", topk_method="greedy", n_group=None, topk_group=None) == (None, None)
+    assert served(DeepseekV3Config(scoring_func="softmax")).scoring_func == "softmax"
+    grouped = served(DeepseekV2Config(topk_method="group_limited_greedy", n_group=8, topk_group=3))
+    assert (grouped.n_group, grouped.topk_group) == (8, 3)
+    llama = served(SimpleNamespace(model_type="llama", topk_method="greedy", n_group=None, topk_group=None))
+    assert (llama.n_group, llama.topk_group) == (None, None)
