@@ -99,71 +99,24 @@ class ShardedLatentDeepseekAttention(nn.Module):
             raise NotImplementedError(f"{GLA_BACKEND_NAME}: quantised checkpoints are not supported")
         self.plan = plan_for(config, tp_size=get_tensor_model_parallel_world_size(),
                              tp_rank=get_tensor_model_parallel_rank())
-        latent_dim = self.plan.latent_dim  # d_c
-        if kv_lora_rank != latent_dim:
-            raise ValueError(f"kv_lora_rank {kv_lora_rank} disagrees with the config's {latent_dim}")
+        if kv_lora_rank != self.plan.latent_dim:
+            raise ValueError(f"kv_lora_rank {kv_lora_rank} disagrees with the config's {self.plan.latent_dim}")
+        query = query_projection_of(config)
+        if q_lora_rank != query.low_rank:
+            raise ValueError(f"q_lora_rank {q_lora_rank} disagrees with the config's {query.low_rank}")
         self.reduce_results = reduce_results  # False: the caller all-reduces o_proj's output
         self.num_heads = num_heads
         self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.v_head_dim = v_head_dim
-        query = query_projection_of(config)
-        if q_lora_rank != query.low_rank:
-            raise ValueError(f"q_lora_rank {q_lora_rank} disagrees with the config's {query.low_rank}")
         self.q_lora_rank = q_lora_rank  # d_q, or None for a full-rank W_Q
+        self.local_heads = self.plan.local_heads  # H_loc: H / n_TP in grouped mode, else H
 
-        plan = self.plan
-        self.local_heads = plan.local_heads  # H_loc: H / n_TP in grouped mode, else H
-
-        # Checkpoint names as DeepseekV2's loader expects them. Heads split (grouped): the per-head
-        # query rows (q_proj, or q_b_proj of a low-rank query) by heads, W_O by its head inputs, as
-        # vLLM's own TP; otherwise both whole on every rank.
-        query_name = query.per_head_weight
-        query_in = query.per_head_input_dim(hidden_size)
-        if plan.heads_split:
-            query_heads = ColumnParallelLinear(query_in, num_heads * self.qk_head_dim, bias=False,
-                                               quant_config=None, prefix=f"{prefix}.{query_name}")
-            self.o_proj = RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=False,
-                                            input_is_parallel=True, reduce_results=reduce_results,
-                                            quant_config=None, prefix=f"{prefix}.o_proj")
-        else:
-            query_heads = ReplicatedLinear(query_in, num_heads * self.qk_head_dim, bias=False,
-                                           prefix=f"{prefix}.{query_name}")
-            self.o_proj = ReplicatedLinear(num_heads * v_head_dim, hidden_size, bias=False,
-                                           prefix=f"{prefix}.o_proj")
-        latent_rows = latent_dim + qk_rope_head_dim  # W_DKV and W_KR: [d_c + d_R, d_model]
-        if query.is_low_rank:
-            # As vLLM's DeepSeek-V2 layer: W_DQ and W_DKV/W_KR in one replicated matmul, rows
-            # [q_a_proj; kv_a_proj_with_mqa]; vLLM's loader maps the two checkpoint tensors onto it
-            # with shard ids 0 and 1 (touch point "DeepSeek-V2 fused q_a/kv_a loading").
-            self.fused_qkv_a_proj = ReplicatedLinear(hidden_size, q_lora_rank + latent_rows, bias=False,
-                                                     prefix=f"{prefix}.fused_qkv_a_proj")
-            self.fused_qkv_a_proj.weight.weight_loader = stacked_rows_weight_loader(
-                (q_lora_rank, latent_rows), GLA_BACKEND_NAME)
-            self.q_a_layernorm = RMSNorm(q_lora_rank, eps=config.rms_norm_eps)
-            self.q_proj, self.q_b_proj, self.kv_a_proj_with_mqa = None, query_heads, None
-        else:
-            self.kv_a_proj_with_mqa = ReplicatedLinear(hidden_size, latent_rows, bias=False,
-                                                       prefix=f"{prefix}.kv_a_proj_with_mqa")
-            self.q_proj, self.q_b_proj = query_heads, None
-            self.fused_qkv_a_proj = self.q_a_layernorm = None
-        self.kv_a_layernorm = RMSNorm(latent_dim, eps=config.rms_norm_eps)  # γ, folded at load
-        # This rank's block of kv_b_proj only: [H_loc (d_nope + d_v), d_c or d_loc].
-        kv_b_rows, kv_b_cols = rank_up_projection_shape(plan, nope_dim=qk_nope_head_dim, v_dim=v_head_dim)
-        self.kv_b_proj = ReplicatedLinear(kv_b_cols, kv_b_rows, bias=False, prefix=f"{prefix}.kv_b_proj")
-        self.kv_b_proj.weight.weight_loader = narrowed_weight_loader(
-            lambda w: rank_up_projection_block(plan, w, nope_dim=qk_nope_head_dim, v_dim=v_head_dim),
-            GLA_BACKEND_NAME)
-        if plan.latent_projection:  # this rank's rows of P: [d_loc, d_c]
-            self.latent_projection = ReplicatedLinear(latent_dim, plan.local_latent_dim, bias=False,
-                                                      prefix=f"{prefix}.latent_projection")
-            self.latent_projection.weight.weight_loader = narrowed_weight_loader(
-                lambda w: rank_latent_projection_block(plan, w), GLA_BACKEND_NAME)
-        else:
-            self.latent_projection = None
+        query_heads = self._build_query_heads_and_output(query, hidden_size, prefix)
+        self._build_down_projections(query, query_heads, hidden_size, config.rms_norm_eps, prefix)
+        self._build_up_projections(prefix)
         self.rotary_emb, self.scaling = _rope_and_scale(
             config, qk_rope_head_dim, max_position_embeddings, self.qk_head_dim ** -0.5)
-
         self.attn = ShardedLatentMLAAttention(
             plan=self.plan, latent_norm=self.kv_a_layernorm, eps=config.rms_norm_eps,
             num_heads=self.local_heads, scale=self.scaling, qk_nope_head_dim=qk_nope_head_dim,
@@ -172,6 +125,65 @@ class ShardedLatentDeepseekAttention(nn.Module):
         )
         # Evidence for tests and logs: what this rank loads for the layer (the decode trace).
         self.attn.impl.rank_attention_params = attention_parameter_count(self)
+
+    def _build_query_heads_and_output(self, query, hidden_size: int, prefix: str) -> nn.Module:
+        """``o_proj``, and the per-head query projection (returned: the caller names it q_proj or
+        q_b_proj). Checkpoint names as DeepseekV2's loader expects them. Heads split (grouped): the
+        per-head query rows by heads, W_O by its head inputs, as vLLM's own TP; otherwise both whole
+        on every rank."""
+        heads_out, o_in = self.num_heads * self.qk_head_dim, self.num_heads * self.v_head_dim
+        query_name = query.per_head_weight
+        query_in = query.per_head_input_dim(hidden_size)
+        if self.plan.heads_split:
+            query_heads = ColumnParallelLinear(query_in, heads_out, bias=False, quant_config=None,
+                                               prefix=f"{prefix}.{query_name}")
+            self.o_proj = RowParallelLinear(o_in, hidden_size, bias=False, input_is_parallel=True,
+                                            reduce_results=self.reduce_results, quant_config=None,
+                                            prefix=f"{prefix}.o_proj")
+        else:
+            query_heads = ReplicatedLinear(query_in, heads_out, bias=False, prefix=f"{prefix}.{query_name}")
+            self.o_proj = ReplicatedLinear(o_in, hidden_size, bias=False, prefix=f"{prefix}.o_proj")
+        return query_heads
+
+    def _build_down_projections(self, query, query_heads: nn.Module, hidden_size: int, eps: float,
+                                prefix: str) -> None:
+        """W_DKV and W_KR (replicated; with a low-rank query fused with W_DQ), the query's norm
+        and the latent's γ; sets q_proj / q_b_proj to ``query_heads`` and the other to None."""
+        latent_dim = self.plan.latent_dim  # d_c
+        latent_rows = latent_dim + self.qk_rope_head_dim  # W_DKV and W_KR: [d_c + d_R, d_model]
+        if query.is_low_rank:
+            # As vLLM's DeepSeek-V2 layer: W_DQ and W_DKV/W_KR in one replicated matmul, rows
+            # [q_a_proj; kv_a_proj_with_mqa]; vLLM's loader maps the two checkpoint tensors onto it
+            # with shard ids 0 and 1 (touch point "DeepSeek-V2 fused q_a/kv_a loading").
+            self.fused_qkv_a_proj = ReplicatedLinear(hidden_size, self.q_lora_rank + latent_rows, bias=False,
+                                                     prefix=f"{prefix}.fused_qkv_a_proj")
+            self.fused_qkv_a_proj.weight.weight_loader = stacked_rows_weight_loader(
+                (self.q_lora_rank, latent_rows), GLA_BACKEND_NAME)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=eps)
+            self.q_proj, self.q_b_proj, self.kv_a_proj_with_mqa = None, query_heads, None
+        else:
+            self.kv_a_proj_with_mqa = ReplicatedLinear(hidden_size, latent_rows, bias=False,
+                                                       prefix=f"{prefix}.kv_a_proj_with_mqa")
+            self.q_proj, self.q_b_proj = query_heads, None
+            self.fused_qkv_a_proj = self.q_a_layernorm = None
+        self.kv_a_layernorm = RMSNorm(latent_dim, eps=eps)  # γ, folded at load
+
+    def _build_up_projections(self, prefix: str) -> None:
+        """This rank's block of kv_b_proj and (group-pca checkpoints) its rows of P, each narrowed
+        from the checkpoint tensor by its weight loader."""
+        plan, nope_dim, v_dim = self.plan, self.qk_nope_head_dim, self.v_head_dim
+        # This rank's block of kv_b_proj only: [H_loc (d_nope + d_v), d_c or d_loc].
+        kv_b_rows, kv_b_cols = rank_up_projection_shape(plan, nope_dim=nope_dim, v_dim=v_dim)
+        self.kv_b_proj = ReplicatedLinear(kv_b_cols, kv_b_rows, bias=False, prefix=f"{prefix}.kv_b_proj")
+        self.kv_b_proj.weight.weight_loader = narrowed_weight_loader(
+            lambda w: rank_up_projection_block(plan, w, nope_dim=nope_dim, v_dim=v_dim), GLA_BACKEND_NAME)
+        if plan.latent_projection:  # this rank's rows of P: [d_loc, d_c]
+            self.latent_projection = ReplicatedLinear(plan.latent_dim, plan.local_latent_dim, bias=False,
+                                                      prefix=f"{prefix}.latent_projection")
+            self.latent_projection.weight.weight_loader = narrowed_weight_loader(
+                lambda w: rank_latent_projection_block(plan, w), GLA_BACKEND_NAME)
+        else:
+            self.latent_projection = None
 
     def _query_and_latent(self, hidden_states: torch.Tensor):
         """q [T, H_loc, d_nope + d_R], the latent c [T, d_c] and the rope key [T, d_R]."""
