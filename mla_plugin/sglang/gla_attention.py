@@ -74,60 +74,74 @@ class ShardedLatentDeepseekAttention(nn.Module):
         self.layer_id = layer_id
         self.reduce_results = reduce_results  # False under DeepseekV2DecoderLayer: its communicator all-reduces
         self.num_heads = num_heads
-        plan = self.plan
-        self.local_heads = plan.local_heads  # H_loc: H / n_TP in grouped mode, else H
+        self.local_heads = self.plan.local_heads  # H_loc: H / n_TP in grouped mode, else H
         self.qk_nope_head_dim, self.qk_rope_head_dim = qk_nope_head_dim, qk_rope_head_dim
         self.qk_head_dim = qk_nope_head_dim + qk_rope_head_dim
         self.v_head_dim = v_head_dim
         self.q_lora_rank, self.kv_lora_rank = self.query.low_rank, kv_lora_rank
         self.eps = config.rms_norm_eps
-        latent_dim, local_dim = self.plan.latent_dim, self.plan.local_latent_dim  # d_c, d_loc
 
-        # Checkpoint names as DeepseekV2's loader expects them. Heads split (grouped): the per-head
-        # query weight (q_proj, or q_b_proj when low rank) by heads, W_O by its head inputs (a
-        # partial sum, reduced below or by the layer communicator); otherwise both whole on every rank.
-        query = self.query
-        per_head_name = query.per_head_weight  # "q_proj" or "q_b_proj"
-        per_head_in = query.per_head_input_dim(hidden_size)  # d_model or d_q
-        if plan.heads_split:
-            per_head = sg.ColumnParallelLinear(per_head_in, num_heads * self.qk_head_dim, bias=False,
-                                               prefix=f"{prefix}.{per_head_name}")
-            self.o_proj = sg.RowParallelLinear(num_heads * v_head_dim, hidden_size, bias=False,
-                                               input_is_parallel=True, reduce_results=False,
-                                               prefix=f"{prefix}.o_proj")
+        self._build_query_heads_and_output(hidden_size, prefix)
+        self._build_down_projections(hidden_size, prefix)
+        self._build_up_projections(prefix)
+        self._build_rope(config, rope_theta, rope_scaling, max_position_embeddings)
+        self._build_attention(layer_id, prefix)
+
+    # -- construction (checkpoint names as DeepseekV2's loader expects them) ---------------
+
+    def _build_query_heads_and_output(self, hidden_size: int, prefix: str) -> None:
+        """The per-head query weight (q_proj, or q_b_proj when low rank) and ``o_proj``. Heads split
+        (grouped): the query by heads, W_O by its head inputs (a partial sum, reduced in forward or
+        by the layer communicator); otherwise both whole on every rank."""
+        per_head_name = self.query.per_head_weight  # "q_proj" or "q_b_proj"
+        per_head_in = self.query.per_head_input_dim(hidden_size)  # d_model or d_q
+        heads_out, o_in = self.num_heads * self.qk_head_dim, self.num_heads * self.v_head_dim
+        if self.plan.heads_split:
+            per_head = sg.ColumnParallelLinear(per_head_in, heads_out, bias=False, prefix=f"{prefix}.{per_head_name}")
+            self.o_proj = sg.RowParallelLinear(o_in, hidden_size, bias=False, input_is_parallel=True,
+                                               reduce_results=False, prefix=f"{prefix}.o_proj")
         else:
-            per_head = sg.ReplicatedLinear(per_head_in, num_heads * self.qk_head_dim, bias=False,
-                                           prefix=f"{prefix}.{per_head_name}")
-            self.o_proj = sg.ReplicatedLinear(num_heads * v_head_dim, hidden_size, bias=False,
-                                              prefix=f"{prefix}.o_proj")
+            per_head = sg.ReplicatedLinear(per_head_in, heads_out, bias=False, prefix=f"{prefix}.{per_head_name}")
+            self.o_proj = sg.ReplicatedLinear(o_in, hidden_size, bias=False, prefix=f"{prefix}.o_proj")
         setattr(self, per_head_name, per_head)  # [H_loc (d_nope + d_R), d_model or d_q]
-        if query.is_low_rank:
+
+    def _build_down_projections(self, hidden_size: int, prefix: str) -> None:
+        """W_DKV and W_KR (replicated; fused with W_DQ for a low-rank query), the query's norm and γ."""
+        latent_rows = self.plan.latent_dim + self.qk_rope_head_dim  # d_c + d_R
+        if self.query.is_low_rank:
             # SGLang's loader stacks q_a_proj and kv_a_proj_with_mqa into this one (replicated) weight.
             self.fused_qkv_a_proj_with_mqa = sg.ReplicatedLinear(
-                hidden_size, query.low_rank + latent_dim + qk_rope_head_dim, bias=False,
+                hidden_size, self.query.low_rank + latent_rows, bias=False,
                 prefix=f"{prefix}.fused_qkv_a_proj_with_mqa")  # [d_q + d_c + d_R, d_model]
-            self.q_a_layernorm = sg.RMSNorm(query.low_rank, eps=config.rms_norm_eps)
+            self.q_a_layernorm = sg.RMSNorm(self.query.low_rank, eps=self.eps)
         else:
-            self.kv_a_proj_with_mqa = sg.ReplicatedLinear(hidden_size, latent_dim + qk_rope_head_dim, bias=False,
+            self.kv_a_proj_with_mqa = sg.ReplicatedLinear(hidden_size, latent_rows, bias=False,
                                                           prefix=f"{prefix}.kv_a_proj_with_mqa")
-        self.kv_a_layernorm = sg.RMSNorm(latent_dim, eps=config.rms_norm_eps)  # γ, folded into W_UK / W_UV
+        self.kv_a_layernorm = sg.RMSNorm(self.plan.latent_dim, eps=self.eps)  # γ, folded into W_UK / W_UV
+
+    def _build_up_projections(self, prefix: str) -> None:
+        """This rank's block of kv_b_proj and (group-pca checkpoints) its rows of P, each narrowed
+        from the checkpoint tensor by a weight loader of ours."""
+        plan, nope_dim, v_dim = self.plan, self.qk_nope_head_dim, self.v_head_dim
         # This rank's block of kv_b_proj only: [H_loc (d_nope + d_v), d_c or d_loc].
-        kv_b_rows, kv_b_cols = rank_up_projection_shape(plan, nope_dim=qk_nope_head_dim, v_dim=v_head_dim)
+        kv_b_rows, kv_b_cols = rank_up_projection_shape(plan, nope_dim=nope_dim, v_dim=v_dim)
         self.kv_b_proj = sg.ReplicatedLinear(kv_b_cols, kv_b_rows, bias=False, prefix=f"{prefix}.kv_b_proj")
         self.kv_b_proj.weight.weight_loader = narrowed_weight_loader(
-            lambda w: rank_up_projection_block(plan, w, nope_dim=qk_nope_head_dim, v_dim=v_head_dim),
-            GLA_BACKEND)
+            lambda w: rank_up_projection_block(plan, w, nope_dim=nope_dim, v_dim=v_dim), GLA_BACKEND)
         if plan.latent_projection:  # this rank's rows of P: [d_loc, d_c]
-            self.latent_projection = sg.ReplicatedLinear(latent_dim, local_dim, bias=False,
+            self.latent_projection = sg.ReplicatedLinear(plan.latent_dim, plan.local_latent_dim, bias=False,
                                                          prefix=f"{prefix}.latent_projection")
             self.latent_projection.weight.weight_loader = narrowed_weight_loader(
                 lambda w: rank_latent_projection_block(plan, w), GLA_BACKEND)
         else:
             self.latent_projection = None
-        # SGLang's DeepSeek rope, the same construction as its MLA module; its plain-torch forward.
+
+    def _build_rope(self, config, rope_theta: float, rope_scaling, max_position_embeddings: int) -> None:
+        """SGLang's DeepSeek rope, the same construction as its MLA module (forward uses its
+        plain-torch forward), and the softmax scale with yarn's mscale."""
         if rope_scaling:
             rope_scaling["rope_type"] = "deepseek_yarn"
-        self.rotary_emb = sg.get_rope(qk_rope_head_dim, rotary_dim=qk_rope_head_dim,
+        self.rotary_emb = sg.get_rope(self.qk_rope_head_dim, rotary_dim=self.qk_rope_head_dim,
                                       max_position=max_position_embeddings, base=rope_theta,
                                       rope_scaling=rope_scaling,
                                       is_neox_style=not getattr(config, "rope_interleave", True))
@@ -135,9 +149,13 @@ class ShardedLatentDeepseekAttention(nn.Module):
         if rope_scaling and rope_scaling.get("apply_yarn_scaling", True):
             self.scaling = sg.compute_mla_mscale_scaling(rope_scaling, self.scaling)
 
+    def _build_attention(self, layer_id: int | None, prefix: str) -> None:
+        """The rank's RadixAttention and the state the weight fold fills in."""
+        latent_dim, local_dim = self.plan.latent_dim, self.plan.local_latent_dim  # d_c, d_loc
         # The rank's heads; each query row [q̃^loc | q^R], each cache row [ĉ^loc | k^R].
-        self.attn_mqa = sg.RadixAttention(self.local_heads, local_dim + qk_rope_head_dim, self.scaling, num_kv_heads=1,
-                                          layer_id=layer_id, v_head_dim=local_dim, prefix=f"{prefix}.attn_mqa")
+        self.attn_mqa = sg.RadixAttention(self.local_heads, local_dim + self.qk_rope_head_dim, self.scaling,
+                                          num_kv_heads=1, layer_id=layer_id, v_head_dim=local_dim,
+                                          prefix=f"{prefix}.attn_mqa")
         self.attn_mqa.mla_plugin_plan = self.plan  # read by gla_backend
         self.register_buffer("latent_basis", torch.eye(latent_dim), persistent=False)  # Q
         self.rotate_latent = False
