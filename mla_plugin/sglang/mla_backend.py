@@ -12,6 +12,16 @@ Paging: the pool's rows, ``page_size`` at a time, are the seam's blocks
 (``[num_pages, page_size, d_c + d_R]``, a view). SGLang's ``req_to_token[r, p]`` gives the
 row of request r's position p, whole pages at a time, so the seam's block table is
 ``req_to_token[r, ::page_size] // page_size``.
+
+Graphs (SGLang's decode CUDA-graph runner and its CPU graph runner): ``init_cuda_graph_state``
+(``init_cpu_graph_state``) allocates static metadata for the largest captured batch, and
+``init_forward_metadata_out_graph`` (``init_forward_metadata_capture_cpu_graph`` at CPU
+capture) fills it in place from the runner's padded buffers, with no tensor value read on the
+host; the bounds the seam gets are static (1 query row per request, or the chain's draft
+tokens at verify; the block table's whole width as the context bound), so every replay of a
+captured batch size runs the kernels the capture recorded. Speculative decoding: the target's
+verify step of a chain draft (top-k 1) is served, eager and captured; tree drafts and the
+draft model's own steps are refused at start-up (``speculative_refusal``).
 """
 
 import os
@@ -25,11 +35,16 @@ from mla_plugin.ops.kernel_choice import kernel_for
 from mla_plugin.ops.latent_cache import FP8_CACHE_DTYPE, fp8_cache_refusal
 from mla_plugin.ops.trace import TRACE_ENV, append_trace
 from mla_plugin.sglang.compat import AttentionBackend, KVWriteLoc
+from mla_plugin.sglang.touch_points import resolve
 
 BACKEND_NAME = MLA_BACKEND_NAME.lower()  # "mla_plugin", as SGLang users name it for --attention-backend
 
 # Forward calls in this process per (backend name, "extend" | "decode"): in-process proof.
 FORWARD_CALLS: dict[tuple[str, str], int] = {}
+# Static-metadata fills per (backend name, "capture" | "replay", forward mode name): graph proof.
+GRAPH_FILLS: dict[tuple[str, str, str], int] = {}
+# Speculative algorithms whose target verify is a chain when top-k is 1 (NGRAM drafts a tree).
+CHAIN_ALGORITHMS = ("EAGLE", "EAGLE3", "STANDALONE", "FROZEN_KV_MTP")
 
 
 def note_forward_call(backend_name: str, mode: str, cache: torch.Tensor, detail) -> None:
@@ -50,6 +65,58 @@ class LatentBatch:
     block_table: torch.Tensor  # [B, max_pages] int: request b's pages, in order
     max_query_len: int  # host-side bounds (from SGLang's *_cpu copies)
     max_seq_len: int
+
+
+@dataclass
+class GraphBuffers:
+    """Static metadata of graph mode: allocated once for the largest captured batch, filled in
+    place before each capture and replay; the captured kernels read these addresses."""
+
+    seq_lens: torch.Tensor  # [max_bs] int64: the seam's L per request (queries included)
+    block_table: torch.Tensor  # [max_bs, max_pages] (req_to_token's dtype): pages in order
+    query_starts: dict  # q_len -> [max_bs + 1] int64, q_len * arange (constant, made at capture)
+    cpu_runner: bool  # SGLang's CPU graph runner replays through init_forward_metadata
+
+    def query_start_loc(self, bs: int, q_len: int) -> torch.Tensor:
+        starts = self.query_starts.get(q_len)
+        if starts is None:  # outside capture: out_graph runs before the graph records
+            starts = self.query_starts[q_len] = q_len * torch.arange(
+                self.seq_lens.shape[0] + 1, dtype=torch.int64, device=self.seq_lens.device)
+        return starts[: bs + 1]
+
+
+def speculative_refusal(model_runner, backend_name: str) -> str | None:
+    """One line when this runner's speculative decoding is not what the backend serves: the
+    draft model's steps (their pages come from the draft's own metadata) and tree drafts."""
+    algorithm = getattr(model_runner, "spec_algorithm", None)
+    if algorithm is None or algorithm.is_none():
+        return None
+    fix = "use top-k 1 EAGLE/MTP drafts (--speculative-eagle-topk 1)"
+    if getattr(model_runner, "is_draft_worker", False):
+        return (f"--attention-backend {backend_name} serves the target model's verify step, not the draft model's "
+                "steps: pass --speculative-draft-attention-backend triton (or another SGLang backend)")
+    name = getattr(algorithm, "name", str(algorithm))
+    if name not in CHAIN_ALGORITHMS:
+        return f"--attention-backend {backend_name} verifies chain drafts only, and {name} drafts a tree: {fix}"
+    topk = getattr(resolve("sglang.srt.runtime_context:get_spec")(), "speculative_eagle_topk", 1) or 1
+    if int(topk) != 1:
+        return (f"--attention-backend {backend_name} verifies chain drafts only (no tree mask); "
+                f"--speculative-eagle-topk {topk} drafts a tree: {fix}")
+    return None
+
+
+def verify_query_len(forward_batch) -> int:
+    """Query rows per request of a target-verify batch (a chain: causal over its drafts)."""
+    spec = forward_batch.spec_info
+    n = getattr(spec, "draft_token_num", None) or getattr(spec, "num_tokens_per_req", None)
+    topk = getattr(spec, "topk", 1) or 1
+    if not n or int(topk) != 1:
+        raise NotImplementedError(f"mla_plugin verifies chain drafts only (top-k 1); got top-k {topk}, {n} drafts")
+    return int(n)
+
+
+def _is_verify(mode) -> bool:
+    return bool(getattr(mode, "is_target_verify", lambda: False)())
 
 
 def _host_max(host_copy, bound: int) -> int:
@@ -85,34 +152,102 @@ class MLAPluginSGLangBackend(AttentionBackend):
         self.pool = model_runner.token_to_kv_pool
         self.page_size = int(model_runner.page_size)
         self.forward_metadata: LatentBatch | None = None
+        self.graph: GraphBuffers | None = None  # set by init_cuda_graph_state / init_cpu_graph_state
+        refusal = speculative_refusal(model_runner, self.backend_name)
+        if refusal:
+            raise ValueError(refusal)
 
     # -- per-forward metadata -------------------------------------------------------
 
     def init_forward_metadata(self, forward_batch) -> None:
+        """Eager metadata (fresh tensors, host bounds from SGLang's host copies); under the CPU
+        graph runner, a decode batch it replays fills the static buffers instead."""
         mode = forward_batch.forward_mode
+        if self.graph is not None and self.graph.cpu_runner and mode.is_decode_or_idle() \
+                and forward_batch.seq_lens.shape[0] <= self.graph.seq_lens.shape[0]:
+            self._fill_graph_metadata(forward_batch, "replay")
+            return
         seq_lens = forward_batch.seq_lens.to(torch.int64)  # [B]
         batch = seq_lens.shape[0]
-        max_seq_len = _host_max(getattr(forward_batch, "seq_lens_cpu", None), self.req_to_token.shape[1])
+        bound = self.req_to_token.shape[1]
+        max_seq_len = _host_max(getattr(forward_batch, "seq_lens_cpu", None), bound)
         if mode.is_decode_or_idle():
             query_start_loc = torch.arange(batch + 1, dtype=torch.int64, device=seq_lens.device)
             max_query_len = 1
+        elif _is_verify(mode):  # SGLang's seq_lens exclude the drafts; the seam's include them
+            max_query_len = verify_query_len(forward_batch)
+            query_start_loc = max_query_len * torch.arange(batch + 1, dtype=torch.int64, device=seq_lens.device)
+            seq_lens = seq_lens + max_query_len
+            max_seq_len = min(max_seq_len + max_query_len, bound)
         else:
             q_lens = forward_batch.extend_seq_lens.to(torch.int64)  # [B]
             query_start_loc = torch.nn.functional.pad(torch.cumsum(q_lens, 0), (1, 0))  # [B + 1]
-            max_query_len = _host_max(getattr(forward_batch, "extend_seq_lens_cpu", None), self.req_to_token.shape[1])
+            max_query_len = _host_max(getattr(forward_batch, "extend_seq_lens_cpu", None), bound)
         pages = -(-max_seq_len // self.page_size)
         rows = self.req_to_token[forward_batch.req_pool_indices]  # [B, max_context]
         block_table = rows[:, : pages * self.page_size : self.page_size] // self.page_size  # [B, pages]
         self.forward_metadata = LatentBatch(query_start_loc, seq_lens, block_table, max_query_len, max_seq_len)
 
-    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
-        raise NotImplementedError(
-            f"--attention-backend {self.backend_name} under SGLang runs eagerly: CUDA (and CPU) graphs are not "
-            "implemented for it yet; start SGLang with --disable-cuda-graph"
+    # -- graphs (static metadata, filled in place) ---------------------------------------
+
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int, cpu_runner: bool = False):
+        """Static buffers for batches up to ``max_bs`` requests, every page of a request."""
+        pages = -(-self.req_to_token.shape[1] // self.page_size)
+        device = self.req_to_token.device
+        self.graph = GraphBuffers(
+            seq_lens=torch.ones(max_bs, dtype=torch.int64, device=device),
+            block_table=torch.zeros((max_bs, pages), dtype=self.req_to_token.dtype, device=device),
+            query_starts={}, cpu_runner=cpu_runner,
         )
 
-    def init_cpu_graph_state(self, *args, **kwargs):  # SGLang's CPU graph runner (torch.compile)
-        self.init_cuda_graph_state(0, 0)
+    def init_cpu_graph_state(self, max_bs: int, max_num_tokens: int):
+        """SGLang's CPU graph runner: the same buffers; it replays through init_forward_metadata."""
+        self.init_cuda_graph_state(max_bs, max_num_tokens, cpu_runner=True)
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        """Before capture and before each replay: the batch (padded by the runner) into the static buffers."""
+        self._fill_graph_metadata(forward_batch, "capture" if in_capture else "replay")
+
+    def init_forward_metadata_in_graph(self, forward_batch):
+        """Nothing recorded here: the static buffers are filled before the graph runs."""
+
+    def init_forward_metadata_capture_cpu_graph(self, bs, num_tokens, req_pool_indices, seq_lens, out_cache_loc,
+                                                encoder_lens, forward_mode, spec_info):
+        from types import SimpleNamespace
+
+        batch = SimpleNamespace(batch_size=bs, req_pool_indices=req_pool_indices, seq_lens=seq_lens,
+                                forward_mode=forward_mode, spec_info=spec_info)
+        self._fill_graph_metadata(batch, "capture")
+
+    def _fill_graph_metadata(self, forward_batch, phase: str) -> None:
+        """Static metadata for this batch, filled in place with device ops only: no host read."""
+        graph, mode = self.graph, forward_batch.forward_mode
+        if graph is None:
+            raise RuntimeError(f"{self.backend_name}: graph metadata asked for before init_cuda_graph_state")
+        if mode.is_decode_or_idle():
+            q_len = 1
+        elif _is_verify(mode):
+            q_len = verify_query_len(forward_batch)
+        else:
+            raise NotImplementedError(f"--attention-backend {self.backend_name} captures decode and chain-verify "
+                                      f"batches, not {getattr(mode, 'name', mode)}")
+        bs = forward_batch.req_pool_indices.shape[0]
+        page, width = self.page_size, graph.block_table.shape[1]
+        rows = self.req_to_token[forward_batch.req_pool_indices]  # [bs, max_context]
+        graph.block_table[:bs].copy_(rows[:, : width * page : page] // page)  # [bs, max_pages]
+        graph.seq_lens[:bs].copy_(forward_batch.seq_lens[:bs])
+        if q_len > 1:
+            graph.seq_lens[:bs] += q_len  # the seam's L counts the drafts
+        self.forward_metadata = LatentBatch(graph.query_start_loc(bs, q_len), graph.seq_lens[:bs],
+                                            graph.block_table[:bs], q_len, width * page)
+        key = (self.backend_name, phase, getattr(mode, "name", str(mode)))
+        GRAPH_FILLS[key] = GRAPH_FILLS.get(key, 0) + 1
+        if GRAPH_FILLS[key] == 1 and os.environ.get(TRACE_ENV):
+            append_trace(TRACE_ENV, f"{self.backend_name} sglang graph-{phase} pid={os.getpid()} mode={key[2]} "
+                         f"bs={bs} q_len={q_len} max_seq_len={width * page}")
+
+    def get_cpu_graph_seq_len_fill_value(self):
+        return 1
 
     def get_cuda_graph_seq_len_fill_value(self):
         return 1

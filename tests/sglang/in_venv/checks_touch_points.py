@@ -8,6 +8,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+import torch
 
 from mla_plugin.sglang import touch_points
 from mla_plugin.sglang.touch_points import TOUCH_POINTS, SGLangTouchPointError, problems
@@ -77,10 +78,12 @@ def test_registration_is_idempotent_and_picks_absorbed_mla():
     assert handler(None, None) == AttnForwardMethod.MLA
 
 
-def test_cuda_graphs_are_refused_clearly():
+def test_graph_state_is_offered_not_refused():
+    """Graph mode is served (tests/sglang/in_venv/checks_graph.py drives capture and replay)."""
     from mla_plugin.sglang.mla_backend import MLAPluginSGLangBackend
 
     backend = MLAPluginSGLangBackend.__new__(MLAPluginSGLangBackend)
-    for capture in (lambda: backend.init_cuda_graph_state(8, 8), lambda: backend.init_cpu_graph_state(8)):
-        with pytest.raises(NotImplementedError, match="--disable-cuda-graph"):
-            capture()
+    backend.req_to_token, backend.page_size = torch.zeros(3, 10, dtype=torch.int32), 4
+    backend.init_cpu_graph_state(2, 2)
+    assert backend.graph.block_table.shape == (2, 3) and backend.graph.cpu_runner
+    assert backend.get_cpu_graph_seq_len_fill_value() == backend.get_cuda_graph_seq_len_fill_value() == 1
