@@ -98,10 +98,8 @@ def test_readme_says_what_a_gpu_user_needs():
     assert "not on PyPI" in text
     assert 'pip install "mla_plugin[vllm] @ git+' in text
     sglang_section = text.split("## Usage: SGLang", 1)[1].split("\n## ", 1)[0]
-    assert "--disable-cuda-graph" in sglang_section and "disable_cuda_graph=True" in sglang_section
-    for line in text.splitlines():
-        if "sglang.launch_server" in line and "--attention-backend mla_plugin" in line:
-            assert "--disable-cuda-graph" in line or line.rstrip().endswith("\\"), line
+    # SGLang graph mode is served (issue 23): no instruction to turn it off
+    assert "disable-cuda-graph" not in text and "disable_cuda_graph" not in sglang_section
     box = text.split("## Status and versions", 1)[1].split("\n## ", 1)[0]
     assert "Not verified on CUDA: anything inside vLLM or SGLang on a GPU" in box
 
