@@ -30,7 +30,7 @@ import pytest
 
 from tests.conftest import seed_for
 from tests.sglang.helpers import DEEPSEEK, REPO, TP2_ENV, prompt_ids, run_sglang_engines, trace_by_pid
-from tests.vllm.engines import assert_matches_transformers, assert_same_logprobs, hf_logprobs
+from tests.vllm.engines import assert_matches_transformers, assert_same_logprobs, max_diff_from_transformers
 from tests.vllm.projection_checkpoint import make_projection_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -167,19 +167,6 @@ def test_grouped_tp2_splits_heads_and_equals_tp1(tp1, tp2):
     assert offsets == {"0", str(HEADS // 2)}  # rank 0 heads 0-3, rank 1 heads 4-7
     tp1_lines = list(tp1["trace"].values())[2]
     assert all(f" local_heads={HEADS}/{HEADS}" in line and "softmax=grouped" in line for line in tp1_lines)
-
-
-def max_diff_from_transformers(result: dict, model_path: str) -> float:
-    """Max |logprob - transformers' logprob| over every prompt and generated token of ``result``,
-    transformers scoring the very token sequence the engine produced (lengths checked equal)."""
-    worst = 0.0
-    for i, prompt in enumerate(result["prompt_ids"]):
-        full = prompt + result["tokens"][i]
-        ours = result["prompt_logprobs"][i] + result["token_logprobs"][i]  # entry t - 1 scores token t
-        assert len(ours) == len(full) - 1, (len(ours), len(full))
-        ref = hf_logprobs(model_path, full)  # [len(full), V]: row t - 1 predicts token t
-        worst = max(worst, max(abs(a - float(ref[t - 1, full[t]])) for t, a in enumerate(ours, start=1)))
-    return worst
 
 
 # Grouped g = 2 against MLA on the fixture: measured 4.45 nats (max over every prompt and 32 generated tokens,

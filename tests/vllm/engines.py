@@ -130,6 +130,19 @@ def assert_matches_transformers(result: dict, model_path: str, atol: float = 1e-
             assert float(row.max() - row[tok]) <= atol, f"prompt {i} step {step}: not greedy"
 
 
+def max_diff_from_transformers(result: dict, model_path: str) -> float:
+    """Max |logprob - transformers' logprob| over every prompt and generated token of ``result``,
+    transformers scoring the very token sequence the engine produced (lengths checked equal)."""
+    worst = 0.0
+    for i, prompt in enumerate(result["prompt_ids"]):
+        full = prompt + result["tokens"][i]
+        ours = result["prompt_logprobs"][i] + result["token_logprobs"][i]  # entry t - 1 scores token t
+        assert len(ours) == len(full) - 1, (len(ours), len(full))
+        ref = hf_logprobs(model_path, full)  # [len(full), V]: row t - 1 predicts token t
+        worst = max(worst, max(abs(a - float(ref[t - 1, full[t]])) for t, a in enumerate(ours, start=1)))
+    return worst
+
+
 def assert_same_logprobs(a: dict, b: dict, atol: float = 1e-4) -> None:
     assert a["prompt_ids"] == b["prompt_ids"]
     assert a["tokens"] == b["tokens"], "greedy decode diverged"

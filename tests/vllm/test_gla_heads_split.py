@@ -22,6 +22,7 @@ from tests.converters import calibration_text
 from tests.vllm.engines import (
     assert_matches_transformers,
     assert_same_logprobs,
+    max_diff_from_transformers,
     run_engine,
     run_engines_subprocess,
 )
@@ -114,8 +115,7 @@ def test_projection_checkpoint_is_its_source_model(tp1, models):
     assert tp1["projected"]["cache_shape"][-1] == 512 + 64  # all four groups' z on one rank
     assert_matches_transformers(tp1["projected"], models["trained"], atol=1e-4)
     # and a plain grouped load of the same model is another function: the check can fail
-    with pytest.raises(AssertionError):
-        assert_matches_transformers(tp1["overrides"], models["trained"], atol=1e-3)
+    assert max_diff_from_transformers(tp1["overrides"], models["trained"]) > 1e-3
 
 
 def test_projection_checkpoints_equal_their_modeling_file(tp1, models):
