@@ -105,8 +105,10 @@ def stage1_call(config: Config, tuning: dict | None = None) -> tuple[tuple, dict
     table = torch.zeros(BATCH, blocks_per_request, dtype=torch.int32)  # [B, max_blocks]
     slices = _slices(config)
     sigma = torch.ones(1) if config.cache == "fp8" else None
-    launches = kernels._Launches(q_latent, q_rope, cache, starts, lens, table, 0.1, slices, sigma,
-                                 None, placeholder=torch.zeros(1))
+    rows = lambda *_: (torch.zeros(BATCH, dtype=torch.int32), torch.zeros(BATCH, dtype=torch.int32))  # noqa: E731
+    with mock.patch.object(kernels, "_rows_of_tokens", rows):  # b(t), ctx_t [T] (a launch we do not run here)
+        launches = kernels._Launches(q_latent, q_rope, cache, starts, lens, table, 0.1, slices, sigma,
+                                     None, placeholder=torch.zeros(1))
     # What the launcher picks on a GPU (the CPU process picks the interpreter's tiles).
     launches.config = {**kernels.gpu_launch_config(launches.streams.d_s, launches.streams.heads_per_stream),
                        **(tuning or {})}

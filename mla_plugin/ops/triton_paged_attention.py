@@ -74,6 +74,29 @@ MAX_SPLITS = 32
 TUNING: dict = {}
 
 
+@triton.jit
+def _token_rows(query_start_ptr, seq_lens_ptr, request_ptr, context_ptr, tokens, batch, steps,
+                BLOCK_T: tl.constexpr):
+    """Per query row t: its request b(t) (the last b with query_start[b] <= t: a binary search
+    over query_start [B + 1] in ``steps`` = ceil(log2 B) halvings) and context ctx_t =
+    seq_len_b - (query_start[b + 1] - t) + 1 (0 for a padding row t >= query_start[B]), into
+    int32 [T] buffers: one small launch instead of a dozen torch kernels per call."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] rows
+    row_ok = t < tokens
+    lo = tl.zeros([BLOCK_T], tl.int32)
+    hi = lo + batch - 1
+    for _ in range(steps):
+        mid = (lo + hi) // 2
+        after = tl.load(query_start_ptr + mid + 1, mask=row_ok, other=0) > t  # request mid ends after row t
+        hi = tl.where(after & (lo < hi), mid, hi)
+        lo = tl.where(after | (lo >= hi), lo, mid + 1)
+    end = tl.load(query_start_ptr + lo + 1, mask=row_ok, other=0).to(tl.int32)
+    context = tl.load(seq_lens_ptr + lo, mask=row_ok, other=0).to(tl.int32) - (end - t) + 1
+    padding = t >= tl.load(query_start_ptr + batch).to(tl.int32)
+    tl.store(request_ptr + t, lo, mask=row_ok)
+    tl.store(context_ptr + t, tl.where(padding, 0, tl.maximum(context, 0)), mask=row_ok)
+
+
 # One @triton.jit body over 80 lines: the online-softmax loop keeps its running state (m, l,
 # acc) in registers; splitting it into jit helpers buys nothing and makes the tile code harder
 # for the compiler to schedule.
@@ -85,6 +108,7 @@ def _split_attention(
     token_request_ptr, token_context_ptr,  # [T] int32: b(t), ctx_t
     logits_ptr,  # [T, H, L] float32 (LOGITS_IN only)
     partial_out_ptr, partial_lse_ptr,  # [T, H, S, NUM_SPLITS, D_S], [T, H, S, NUM_SPLITS] float32
+    # (one split and one slice: these are the output [T, H, d_loc], query dtype, and lse [T, H]: no merge)
     kv_scale_ptr,  # [1] float32: σ of an fp8 cache (IS_FP8 only)
     scale,
     stride_qt, stride_qh, stride_rt, stride_rh,
@@ -95,7 +119,7 @@ def _split_attention(
     key_start, key_end,  # the key window [key_start, key_end) of this launch (a chunk of context)
     LOGITS_IN: tl.constexpr, LOW_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DR: tl.constexpr,
-    EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr,
+    EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr, PAGED_TILE: tl.constexpr,
 ):
     scale_log2 = scale * 1.4426950408889634  # τ log2(e)
     if IS_FP8:
@@ -153,9 +177,14 @@ def _split_attention(
     for first in range(start, end, BLOCK_N):
         pos = first + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         key_ok = pos < end
-        block = tl.load(block_table_ptr + request.to(tl.int64) * stride_table + pos // block_size,
-                        mask=key_ok, other=0).to(tl.int64)
-        row = block * stride_cache_block + (pos % block_size).to(tl.int64) * stride_cache_slot  # [BLOCK_N]
+        if PAGED_TILE:  # the tile lies in one page (BLOCK_N divides the block size): one table lookup
+            page = tl.load(block_table_ptr + request.to(tl.int64) * stride_table + first // block_size)
+            row = page.to(tl.int64) * stride_cache_block + (
+                (first % block_size + tl.arange(0, BLOCK_N)) * stride_cache_slot)  # [BLOCK_N]
+        else:  # a page per key (block size below BLOCK_N)
+            block = tl.load(block_table_ptr + request.to(tl.int64) * stride_table + pos // block_size,
+                            mask=key_ok, other=0).to(tl.int64)
+            row = block * stride_cache_block + (pos % block_size).to(tl.int64) * stride_cache_slot  # [BLOCK_N]
         if EVEN_DS:
             latent = tl.load(cache_ptr + row[:, None] + j * d_s + d[None, :], mask=key_ok[:, None],
                              other=0.0)  # [BLOCK_N, BLOCK_DS]
@@ -205,7 +234,8 @@ def _split_attention(
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, total, 1.0)[:, None], 0.0)
     lse = tl.where(has_keys, m * 0.6931471805599453 + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
     slot = ((t64 * num_heads + heads) * num_slices + j) * num_splits + split  # [BLOCK_H]
-    tl.store(partial_out_ptr + slot[:, None] * d_s + d[None, :], out, mask=head_ok[:, None] & d_ok[None, :])
+    tl.store(partial_out_ptr + slot[:, None] * d_s + d[None, :], out.to(partial_out_ptr.dtype.element_ty),
+             mask=head_ok[:, None] & d_ok[None, :])  # one split, one slice: slot * d_s is out's [T, H, d_loc] row
     tl.store(partial_lse_ptr + slot, lse, mask=head_ok)
 
 
@@ -337,12 +367,17 @@ def logits_chunk_keys(tokens: int, heads: int, length: int, budget_bytes: int | 
 
 
 def gpu_launch_config(d_s: int, heads_per_stream: int) -> dict:
-    """Stage-1 tile sizes and launch options on a GPU (H200 sweep, 2026-11-26)."""
-    if heads_per_stream >= 64:  # many heads: one KV tile feeds 64 heads
-        return dict(block_h=64, block_n=64, num_warps=8, num_stages=2)
+    """Stage-1 tile sizes and launch options on a GPU, chosen from a static compile for sm_90
+    (``benchmarks/static_report.py``, Triton 3.6, 2026-12-07): with ``num_stages`` 5 the
+    pipeliner double- or triple-buffers the KV tiles (at 2-4 it made one buffer at 16 heads and
+    waited for every copy at the top of each tile at 128 heads) without spilling registers;
+    ``block_n`` 16 at 16 heads halves the registers (4 CTAs per SM), and at 64+ heads it is the
+    tile that spills with neither Triton 3.6 nor 3.9 (32 spills on 3.9). Not yet timed on a GPU."""
+    if heads_per_stream >= 64:  # many heads: one KV tile feeds 64 heads (wgmma)
+        return dict(block_h=64, block_n=16, num_warps=8, num_stages=5)
     if d_s > 256:
-        return dict(block_h=16, block_n=32, num_warps=4, num_stages=2)
-    return dict(block_h=16, block_n=64, num_warps=8, num_stages=2)
+        return dict(block_h=16, block_n=16, num_warps=4, num_stages=5)
+    return dict(block_h=16, block_n=32, num_warps=8, num_stages=5)
 
 
 def launch_config(d_s: int, heads_per_stream: int, device: torch.device) -> dict:
@@ -368,16 +403,16 @@ def choose_num_splits(tokens: int, stream_programs: int, device: torch.device) -
     return max(1, min(MAX_SPLITS, wanted))
 
 
-def _token_rows(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, tokens: int, batch: int):
-    """Per query row: its request b(t) and context ctx_t (causal position + 1; 0 for padding)."""
-    starts = query_start_loc.reshape(-1)[: batch + 1].to(torch.long)  # [B + 1]
-    rows = torch.arange(tokens, device=starts.device)  # [T]
-    request = torch.searchsorted(starts[1:], rows, right=True).clamp(max=batch - 1)  # [T]
-    ends = starts[1:].index_select(0, request)  # [T]
-    lens = seq_lens.reshape(-1)[:batch].to(torch.long).index_select(0, request)  # [T]
-    context = lens - (ends - rows) + 1
-    context = torch.where(rows < starts[batch], context, 0).clamp(min=0)
-    return request.to(torch.int32), context.to(torch.int32)
+def _rows_of_tokens(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, tokens: int, batch: int):
+    """Per query row: its request b(t) and context ctx_t, int32 ``[T]`` each (``_token_rows``)."""
+    starts = query_start_loc.reshape(-1).contiguous()  # [B + 1]
+    lens = seq_lens.reshape(-1).contiguous()  # [B]
+    request = torch.empty(tokens, dtype=torch.int32, device=starts.device)
+    context = torch.empty(tokens, dtype=torch.int32, device=starts.device)
+    block_t = 128
+    _token_rows[(triton.cdiv(tokens, block_t),)](starts, lens, request, context, tokens, batch,
+                                                 max(1, (batch - 1).bit_length()), BLOCK_T=block_t)
+    return request, context
 
 
 @dataclass(frozen=True)
@@ -432,7 +467,7 @@ class _Launches:
         self.cache = cache
         table = block_table[:batch]
         self.table = table if table.stride(-1) == 1 else table.contiguous()  # [B, max_blocks]
-        self.request, self.context = _token_rows(query_start_loc, seq_lens, tokens, batch)
+        self.request, self.context = _rows_of_tokens(query_start_loc, seq_lens, tokens, batch)
         self.tokens, self.heads, self.d_loc, self.d_r = tokens, heads, d_loc, q_rope.shape[-1]
         self.block_size = cache.shape[1]
         self.scale = float(scale)
@@ -442,6 +477,13 @@ class _Launches:
         if num_splits is None:
             num_splits = choose_num_splits(tokens, self.streams.num_slices * self.head_blocks, device)
         self.num_splits = max(1, min(MAX_SPLITS, num_splits))
+
+    def writes_output_directly(self) -> bool:
+        """One split and one stream per head (MLA, exact, one local slice of partitioned): stage
+        1's partial buffers ``[T, H, 1, 1, d_loc]`` / ``[T, H, 1, 1]`` are laid out as the output
+        ``[T, H, d_loc]`` and the lse ``[T, H]``, so it writes them and the merge is skipped."""
+        st = self.streams
+        return self.num_splits == 1 and st.num_slices == 1 and st.heads_per_stream == self.heads
 
     def partial_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 1's outputs: ``[T, H, S, splits, d_s]`` and ``[T, H, S, splits]`` float32."""
@@ -481,6 +523,7 @@ class _Launches:
             LOGITS_IN=logits is not None, LOW_PRECISION=self.low_precision, IS_FP8=self.is_fp8,
             BLOCK_H=config["block_h"], BLOCK_N=config["block_n"], BLOCK_DS=d_s_block, BLOCK_DR=d_r_block,
             EVEN_DS=d_s_block == st.d_s, EVEN_DR=d_r_block == self.d_r,
+            PAGED_TILE=self.block_size % config["block_n"] == 0 and key_start % config["block_n"] == 0,
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
 
@@ -553,10 +596,13 @@ def triton_paged_latent_attention(
     tokens, heads, d_loc = q_latent.shape
     batch = query_start_loc.numel() - 1
     device = q_latent.device
-    out = q_latent.new_zeros((tokens, heads, d_loc))
-    lse = torch.full((tokens, heads), float("-inf"), dtype=torch.float32, device=device)
     if tokens == 0 or batch == 0 or block_table.shape[1] == 0:
+        out = q_latent.new_zeros((tokens, heads, d_loc))
+        lse = torch.full((tokens, heads), float("-inf"), dtype=torch.float32, device=device)
         return (out, lse) if return_lse else out
+    # Every element is written by the kernels (the merge, or stage 1 alone): no fill kernels.
+    out = q_latent.new_empty((tokens, heads, d_loc))
+    lse = torch.empty((tokens, heads), dtype=torch.float32, device=device)
     if cache.stride(-1) != 1:
         raise ValueError(f"the cache's last dimension must be contiguous, got strides {cache.stride()}")
     _check_interpreter(device)
@@ -564,6 +610,8 @@ def triton_paged_latent_attention(
                          cache_scale, num_splits, placeholder=lse)
     if slices.softmax == "exact" and all_reduce is not None:
         _exact_over_ranks(launches, all_reduce, max_seq_len, out, lse, logits_budget_bytes)
+    elif launches.writes_output_directly():  # stage 1 writes out / lse: no fp32 partials, no merge
+        launches.split_attention(out, lse, None)
     else:
         partial_out, partial_lse = launches.partial_buffers()
         launches.split_attention(partial_out, partial_lse, None)

@@ -355,3 +355,79 @@ def test_many_heads_configuration_matches_float64_reference(kernels, mode, num_s
         out = run(case, q_lat, q_rope, qsl, scale, device, slices=slices, max_query_len=2, max_seq_len=33).cpu()
     for got, want in zip(per_request(out, qsl), expected):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+# ---- every tile configuration gpu_launch_config picks, in the interpreter ---------------
+
+class _CountingKernel:
+    """Wraps a kernel: counts its launches (``kernel[grid](...)``)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+# (layout, heads, block_size): 16 heads per stream at d_s 512 (MLA) and 256 (one slice of a
+# 2-way partitioned shard per rank), 128 heads (MLA); a block size BLOCK_N divides (one page
+# lookup per tile) and one below BLOCK_N (a page per key).
+GPU_TILE_CASES = [("mla", 16, 64), ("mla", 16, 8), ("partitioned", 16, 64), ("partitioned", 16, 16),
+                  ("mla", 128, 32), ("mla", 128, 8)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("splits", [1, 2])
+@pytest.mark.parametrize("layout,heads,block_size", GPU_TILE_CASES)
+def test_gpu_tiles_match_float64_reference(kernels, layout, heads, block_size, splits, device, monkeypatch, rng):
+    """The GPU's tiles (block_h, block_n) for each layout, forced in the interpreter, over the
+    paged-tile and per-key page paths; with one split the merge kernel must not run (stage 1
+    writes the output and lse itself), with two it runs once."""
+    d_c, d_r = 512, 64
+    num_shards = 2 if layout == "partitioned" else 1
+    gpu = kernels.gpu_launch_config(d_c // num_shards, heads)
+    if device == "cpu":
+        monkeypatch.setattr(kernels, "TUNING", {"block_h": gpu["block_h"], "block_n": gpu["block_n"]})
+    assert (block_size % gpu["block_n"] == 0) == (block_size >= gpu["block_n"])
+    merge = _CountingKernel(kernels._merge_splits)
+    monkeypatch.setattr(kernels, "_merge_splits", merge)
+    requests = [(1, 37), (2, 20)]
+    case, q_lat, q_rope, qsl = make_batch(requests, d_c, d_r, heads, block_size, torch.float32, rng, padded_rows=1)
+    scale = 1.0 / math.sqrt(192)
+    lam = random_logit_scale(heads, num_shards, rng).float() if num_shards > 1 else None
+    parts, lses = [], []
+    for rank in range(num_shards):
+        cache, q_part = rank_view(case.cache, q_lat, d_c, num_shards, rank, 1)
+        slices = (LatentSlices() if num_shards == 1 else
+                  LatentSlices(num_shards=2, shard_offset=rank, shards_local=1, softmax=layout, logit_scale=lam))
+        args = on(device, q_part.contiguous(), q_rope, cache.contiguous(), qsl, case.seq_lens, case.block_table)
+        out, lse = kernels.triton_paged_latent_attention(*args, scale, slices, None, 37, True, num_splits=splits)
+        parts.append(out.cpu())
+        lses.append(lse.cpu())
+    assert merge.launches == (0 if splits == 1 else num_shards)
+    out = torch.cat(parts, dim=-1)
+    expected = sharded_latent_attention(per_request(q_lat, qsl), per_request(q_rope, qsl), case.latents,
+                                        case.rope_keys, scale, num_shards=num_shards,
+                                        softmax_mode="exact" if num_shards == 1 else layout,
+                                        logit_scale=None if lam is None else lam.double())
+    for got, want in zip(per_request(out, qsl), expected):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert (out[int(qsl[-1]):] == 0).all() and (lses[0][int(qsl[-1]):] == float("-inf")).all()
+    if num_shards == 1:  # the lse against the float64 reference's
+        for b, (q_len, seq_len) in enumerate(requests):
+            rows = slice(int(qsl[b]), int(qsl[b + 1]))
+            _, want_lse = mla_lse(q_lat[rows], q_rope[rows], case, b, seq_len, scale)
+            torch.testing.assert_close(lses[0][rows].double(), want_lse, atol=2e-5, rtol=2e-5)
+
+
+def mla_lse(q_lat, q_rope, case, b, seq_len, scale):
+    """Causal float64 output and natural-log LSE of request b's query rows (the last rows of its context)."""
+    q_len = q_lat.shape[0]
+    keys = case.latents[b][:seq_len]
+    logits = (q_lat.double() @ keys.T + q_rope.double() @ case.rope_keys[b][:seq_len].T) * scale  # [q_len, H, L]
+    positions = torch.arange(seq_len)
+    visible = positions[None, :] <= (seq_len - q_len + torch.arange(q_len))[:, None]  # [q_len, L]
+    logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)  # [q_len, H]
+    return torch.softmax(logits, dim=-1) @ keys, lse
