@@ -18,9 +18,11 @@ from vllm.model_executor.layers.attention.attention import set_default_quant_sca
 from vllm.model_executor.layers.attention.mla_attention import (
     MLAAttention,
     MLACommonBackend,
+    MLACommonDecodeMetadata,
     MLACommonImpl,
     MLACommonMetadata,
     MLACommonMetadataBuilder,
+    QueryLenSupport,
 )
 from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
@@ -66,12 +68,14 @@ __all__ = [
     "LogitsProcessor",
     "MLAAttention",
     "MLACommonBackend",
+    "MLACommonDecodeMetadata",
     "MLACommonImpl",
     "MLACommonMetadata",
     "MLACommonMetadataBuilder",
     "ModelRegistry",
     "MoveDirectionality",
     "MultipleOf",
+    "QueryLenSupport",
     "RMSNorm",
     "ReplicatedLinear",
     "RotaryEmbedding",

@@ -29,11 +29,14 @@ from mla_plugin.ops.latent_cache import FP8_CACHE_DTYPE
 from mla_plugin.ops.sharded_latent import slices_for_plan
 from mla_plugin.vllm.compat import AttentionLayer
 from mla_plugin.vllm.mla_backend import (
+    DECODE_ROWS,
     MLAPluginBackend,
     MLAPluginImpl,
     MLAPluginMetadata,
     MLAPluginMetadataBuilder,
     note_decode_call,
+    note_prefill_rows,
+    note_query_rows,
 )
 
 @dataclass
@@ -44,6 +47,9 @@ class ShardedLatentMetadata(MLAPluginMetadata):
 
 
 class ShardedLatentMetadataBuilder(MLAPluginMetadataBuilder):
+    """Also VARLEN (MLAPluginMetadataBuilder.query_len_support): every softmax mode's seam takes
+    causal multi-row queries, so verify rows run forward_mqa."""
+
     metadata_cls: ClassVar[type] = ShardedLatentMetadata
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
@@ -140,16 +146,21 @@ class ShardedLatentImpl(MLAPluginImpl):
                          f"attn_params={self.rank_attention_params} "
                          f"kernel={kernel_for(q_latent.device, q_latent.dtype)}")
         batch = attn_metadata.num_decodes
-        # Decodes come first, one query each (MLACommonMetadataBuilder: SINGLE_ONLY).
+        # Decodes come first, 1 to decode.max_query_len causal rows each (VARLEN: verify steps).
+        max_query_len = attn_metadata.decode.max_query_len
+        note_query_rows(DECODE_ROWS, "decode", self.backend_name, batch, attn_metadata.num_decode_tokens,
+                        max_query_len, layer_name=getattr(layer, "layer_name", None))
         out = self._attend(q_latent, q_rope, kv_c_and_k_pe_cache, attn_metadata.query_start_loc[: batch + 1],
                            attn_metadata.seq_lens_all[:batch], attn_metadata.block_table_all[:batch],
-                           max_query_len=1, max_seq_len=attn_metadata.max_seq_len, k_scale=layer._k_scale)
+                           max_query_len=max_query_len, max_seq_len=attn_metadata.max_seq_len,
+                           k_scale=layer._k_scale)
         return out, None
 
     def forward_mha(self, q, kv_c_normed, k_pe, kv_c_and_k_pe_cache,
                     attn_metadata: ShardedLatentMetadata, k_scale, output, output_scale=None):
         if output_scale is not None:
             raise NotImplementedError(f"{GLA_BACKEND_NAME}: fused output quantisation")
+        note_prefill_rows(self.backend_name, q, attn_metadata)
         first, last = attn_metadata.num_decodes, attn_metadata.num_reqs
         tokens = q.shape[0]
         w_uk, w_uv = self._weights()

@@ -10,8 +10,9 @@ block size.
 import inspect
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -25,10 +26,12 @@ from mla_plugin.vllm.compat import (
     AttentionCGSupport,
     AttentionLayer,
     MLACommonBackend,
+    MLACommonDecodeMetadata,
     MLACommonImpl,
     MLACommonMetadata,
     MLACommonMetadataBuilder,
     MultipleOf,
+    QueryLenSupport,
     current_platform,
 )
 
@@ -47,6 +50,52 @@ SUPPORTED_KV_CACHE_DTYPES = UNQUANTISED_KV_CACHE_DTYPES + FP8_KV_CACHE_DTYPES
 DECODE_CALLS: dict[str, int] = {}
 LAST_CACHE_SHAPE: dict[str, tuple[int, ...]] = {}
 LAST_CACHE_DTYPE: dict[str, torch.dtype] = {}
+
+
+@dataclass
+class QueryRows:
+    """Query rows our backends saw in one process, from host ints only (no tensor read).
+
+    ``by_query_len`` counts calls by their bound on query rows per request: 1 for plain
+    decode, up to 1 + k where a speculative verify step brought k drafts. A call with more
+    rows than requests had a request with several rows."""
+
+    calls: int = 0
+    requests: int = 0
+    rows: int = 0
+    by_query_len: Counter = field(default_factory=Counter)
+    with_context: int = 0  # prefill calls with cached context (chunked prefill or extend)
+    layers: set = field(default_factory=set)  # vLLM's names of the attention layers (decode)
+
+    def add(self, requests: int, rows: int, max_query_len: int, with_context: bool = False,
+            layer_name: str | None = None) -> None:
+        if layer_name is not None:
+            self.layers.add(layer_name)
+        self.calls += 1
+        self.requests += requests
+        self.rows += rows
+        self.by_query_len[max_query_len] += 1
+        self.with_context += int(with_context)
+
+
+# Per backend name: the rows our decode (forward_mqa) ran, and the rows sent to the prefill
+# path (forward_mha); with speculative decoding, verify rows belong to the first.
+DECODE_ROWS: dict[str, QueryRows] = {}
+PREFILL_ROWS: dict[str, QueryRows] = {}
+
+
+def note_query_rows(table: dict[str, QueryRows], kind: str, backend_name: str, requests: int, rows: int,
+                    max_query_len: int, with_context: bool = False, layer_name: str | None = None) -> None:
+    """Count one call; the first multi-row decode (or prefill with context) of a process is
+    also traced, so tests see it from TP worker processes."""
+    counts = table.setdefault(backend_name, QueryRows())
+    first_multi = rows > requests and counts.rows - counts.requests == 0
+    first_context = with_context and counts.with_context == 0
+    counts.add(requests, rows, max_query_len, with_context, layer_name)
+    if (kind == "decode" and first_multi) or (kind == "prefill" and first_context):
+        what = "multi-token decode" if kind == "decode" else "prefill with context"
+        append_trace(TRACE_ENV, f"{backend_name} {what} pid={os.getpid()} requests={requests} rows={rows} "
+                                f"max_query_len={max_query_len}")
 
 
 def note_decode_call(backend_name: str, cache: torch.Tensor, describe: Callable[[], str]) -> None:
@@ -112,6 +161,22 @@ def check_mla_args(mla_args: dict, backend_name: str) -> None:
 
 
 @dataclass
+class MLAPluginDecodeMetadata(MLACommonDecodeMetadata):
+    """vLLM's decode metadata and the host bound on the decode requests' query rows."""
+
+    max_query_len: int = 1
+
+
+def decode_query_bound(query_start_loc_cpu: torch.Tensor, bound: int) -> int:
+    """The longest decode request's query rows, from the host copy of the offsets
+    (query_start_loc_cpu [B + 1], already on the CPU: no device read), within vLLM's bound."""
+    if query_start_loc_cpu.numel() < 2:
+        return max(1, bound)
+    longest = int((query_start_loc_cpu[1:] - query_start_loc_cpu[:-1]).max())
+    return max(1, min(bound, longest))
+
+
+@dataclass
 class MLAPluginMetadata(MLACommonMetadata):
     """MLACommonMetadata without the fixed (320, 512, 576) latent-width list."""
 
@@ -131,6 +196,11 @@ def cudagraph_support(vllm_config) -> "AttentionCGSupport":
     captures that step in one graph and replays it bit for bit; the host-sync detector runs it
     on CPU (tests/unit/test_latent_decode.py). The plain-torch code loops over the context with
     a host bound, so it is never captured. An unknown MLA_PLUGIN_KERNEL fails here, at start-up.
+
+    Speculative verify steps (1 + k query rows per request) run our decode too
+    (``QueryLenSupport.VARLEN``) but are not declared capturable (UNIFORM_BATCH): no test has
+    captured a multi-row step on a GPU, so with speculation vLLM runs full-graph decode as
+    PIECEWISE (its own check in CompilationConfig), attention eager.
     """
     if not current_platform.is_cuda_alike():
         return AttentionCGSupport.NEVER
@@ -140,6 +210,10 @@ def cudagraph_support(vllm_config) -> "AttentionCGSupport":
 
 class MLAPluginMetadataBuilder(MLACommonMetadataBuilder[MLAPluginMetadata]):
     metadata_cls: ClassVar[type] = MLAPluginMetadata  # subclasses name their own
+    # The seam takes causal queries of any length per request (ops/paged_attention.py), so
+    # speculative verify rows (1 + k per request, k varying) are decodes: vLLM raises
+    # reorder_batch_threshold to 1 + num_speculative_tokens and keeps them out of prefill.
+    query_len_support: ClassVar[QueryLenSupport] = QueryLenSupport.VARLEN
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(
@@ -149,6 +223,13 @@ class MLAPluginMetadataBuilder(MLACommonMetadataBuilder[MLAPluginMetadata]):
     @classmethod
     def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> "AttentionCGSupport":
         return cudagraph_support(vllm_config)
+
+    def _build_decode(self, block_table_tensor, seq_lens_device, max_seq_len, query_start_loc_cpu,
+                      query_start_loc_device, num_decode_tokens, max_query_len, dcp_tot_seq_lens_device):
+        return MLAPluginDecodeMetadata(
+            block_table=block_table_tensor, seq_lens=seq_lens_device, dcp_tot_seq_lens=dcp_tot_seq_lens_device,
+            max_query_len=decode_query_bound(query_start_loc_cpu, max_query_len),
+        )
 
 
 class MLAPluginBackend(MLACommonBackend):
@@ -249,11 +330,29 @@ class MLAPluginImpl(MLACommonImpl[MLAPluginMetadata]):
             f"kernel={kernel_for(q_latent.device, q_latent.dtype)}",
         )
         batch = attn_metadata.num_decodes
-        # Decodes come first, one query each (MLACommonMetadataBuilder: SINGLE_ONLY); the
-        # batch's max_seq_len (a host int) bounds their context without reading seq_lens.
+        # Decodes come first, 1 to decode.max_query_len causal query rows each (VARLEN: a
+        # speculative verify step's 1 + k); the batch's max_seq_len (a host int) bounds their
+        # context without reading seq_lens.
+        note_query_rows(DECODE_ROWS, "decode", self.backend_name, batch, attn_metadata.num_decode_tokens,
+                        decode.max_query_len, layer_name=getattr(layer, "layer_name", None))
         return paged_latent_attention(
             q_latent, q_rope, kv_c_and_k_pe_cache, attn_metadata.query_start_loc[: batch + 1],
             decode.seq_lens, decode.block_table, self.scale,
-            max_query_len=1, max_seq_len=attn_metadata.max_seq_len, return_lse=True,
+            max_query_len=decode.max_query_len, max_seq_len=attn_metadata.max_seq_len, return_lse=True,
             cache_scale=layer._k_scale if kv_c_and_k_pe_cache.dtype == FP8_CACHE_DTYPE else None,
         )
+
+    def forward_mha(self, q, kv_c_normed, k_pe, kv_c_and_k_pe_cache, attn_metadata, k_scale, output,
+                    *args, **kwargs):
+        """vLLM's MLA prefill, counted (PREFILL_ROWS): speculative verify rows never come here."""
+        note_prefill_rows(self.backend_name, q, attn_metadata)
+        return super().forward_mha(q, kv_c_normed, k_pe, kv_c_and_k_pe_cache, attn_metadata, k_scale, output,
+                                   *args, **kwargs)
+
+
+def note_prefill_rows(backend_name: str, q: torch.Tensor, attn_metadata) -> None:
+    """Count a prefill call: its requests, rows, and whether any has cached context."""
+    prefill = attn_metadata.prefill
+    with_context = prefill is not None and prefill.chunked_context is not None
+    note_query_rows(PREFILL_ROWS, "prefill", backend_name, attn_metadata.num_prefills, q.shape[0],
+                    attn_metadata.max_query_len, with_context)
