@@ -89,7 +89,7 @@ def run_spec_engine(model: str, backend: str | None = None, speculative_config: 
 
 def run_each_in_own_process(tmp_dir: Path, runs: list[dict], timeout: float = 900) -> list[dict]:
     """Each run_spec_engine call in process in a fresh Python of its own (VLLM_ENABLE_V1_MULTIPROCESSING=0,
-    so our counters come back). One engine per process: with speculation configured, vLLM 0.32's
+    so our counters come back). One engine per process: with ngram speculation, vLLM 0.32's
     model runner imports numba (ngram_proposer), and the next engine's CPU worker in that
     process, rebinding its Triton kernels over every loaded module, fails on llvmlite's ``lib``
     object (AttributeError: '_lib_fn_wrapper' object has no attribute 'get')."""
