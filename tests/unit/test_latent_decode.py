@@ -261,7 +261,13 @@ CALLS = [  # (softmax, num_shards, shards_local, with an all-reduce, queries per
     ("exact", 2, 1, True, "mixed"),
     ("partitioned", 2, 2, False, "decode"),
     ("grouped", 2, 1, False, "mixed"),
+    # speculative verify rows (1 + k per request, k varying) as our vLLM decode gets them
+    ("exact", 1, 1, False, "verify"),
+    ("exact", 2, 1, True, "verify"),
+    ("partitioned", 2, 2, False, "verify"),
+    ("grouped", 2, 1, False, "verify"),
 ]
+VERIFY_REQUESTS = [(4, 9), (1, 5), (2, 13), (4, 4)]  # (query rows, cached length)
 
 
 @pytest.mark.parametrize("softmax,num_shards,shards_local,reduce,queries", CALLS)
@@ -269,7 +275,7 @@ CALLS = [  # (softmax, num_shards, shards_local, with an all-reduce, queries per
 def test_no_host_synchronisation(softmax, num_shards, shards_local, reduce, queries, hints, monkeypatch, rng):
     """No tensor value is read on the host, so a GPU never stalls and CUDA graphs can capture it."""
     d_c, d_r, heads, block_size = 32, 8, 4, 4
-    requests = [(1, n) for n in (5, 1, 13, 8)] if queries == "decode" else MIXED_REQUESTS
+    requests = {"decode": [(1, n) for n in (5, 1, 13, 8)], "verify": VERIFY_REQUESTS}.get(queries, MIXED_REQUESTS)
     case, q_lat, q_rope, qsl = make_batch(requests, d_c, d_r, heads, block_size, torch.float32, rng)
     d_loc = d_c * shards_local // num_shards
     cache = torch.cat([case.cache[..., :d_loc], case.cache[..., d_c:]], dim=-1)
