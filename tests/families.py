@@ -21,9 +21,7 @@ transformers writes):
 
 from pathlib import Path
 
-import torch
-
-from mla_plugin.fixtures.tiny_models import _init_weights, _token_ids, load_tokenizer
+from mla_plugin.fixtures.tiny_models import _token_ids, load_tokenizer, write_random_checkpoint
 
 # family -> (transformers config class, architecture)
 FAMILIES = {"glm4_moe_lite": ("Glm4MoeLiteConfig", "Glm4MoeLiteForCausalLM")}
@@ -56,14 +54,6 @@ def family_config(family: str, tokenizer=None, **overrides):
 
 def make_family(dst, family: str, *, seed: int = 0, init_std: float = 0.08, **overrides) -> Path:
     """Write a random tiny ``family`` checkpoint (safetensors + tokenizer) to ``dst``."""
-    from transformers import AutoModelForCausalLM
-
-    dst = Path(dst)
     tokenizer = load_tokenizer()
     config = family_config(family, tokenizer=tokenizer, **overrides)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).to(torch.float32)
-    _init_weights(model, seed, init_std)
-    model.save_pretrained(dst, safe_serialization=True)
-    tokenizer.save_pretrained(dst)
-    return dst
+    return write_random_checkpoint(dst, config, tokenizer, seed=seed, init_std=init_std)
