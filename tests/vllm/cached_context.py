@@ -12,12 +12,10 @@ CPU features otherwise), and three requests that read cached latent context back
 Subprocess use (TP=2, spawn):  python -m tests.vllm.cached_context '<json list of kwargs>' OUT.json
 """
 
-import json
 import os
-import sys
-from pathlib import Path
 
 from mla_plugin.vllm.engine import exact_cpu_engine, release_engine
+from tests.vllm.engines import run_from_command_line
 
 BLOCK = 16
 BUDGET = 32  # max_num_batched_tokens: tokens per scheduler step
@@ -85,9 +83,4 @@ def run_cached_context(model: str, backend: str | None = None, trace_file: str |
 
 
 if __name__ == "__main__":
-    runs, out_path = json.loads(sys.argv[1]), sys.argv[2]
-    results = []
-    for kwargs in runs:
-        print(f"=== engine run {len(results)}: {json.dumps(kwargs)}", flush=True)
-        results.append(run_cached_context(**kwargs))
-    Path(out_path).write_text(json.dumps(results))
+    run_from_command_line(run_cached_context)

@@ -159,10 +159,16 @@ def logprob_spread(result: dict) -> float:
     return max(values) - min(values)
 
 
-if __name__ == "__main__":
+def run_from_command_line(runner) -> None:
+    """``python -m MODULE '<json list of runner kwargs>' OUT.json``: each run in turn, results to OUT.json
+    (what run_engines_subprocess starts; the log marks each run with "=== engine run N")."""
     runs, out_path = json.loads(sys.argv[1]), sys.argv[2]
     results = []
     for kwargs in runs:
         print(f"=== engine run {len(results)}: {json.dumps(kwargs)}", flush=True)
-        results.append(run_engine(**kwargs))
+        results.append(runner(**kwargs))
     Path(out_path).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    run_from_command_line(run_engine)

@@ -8,13 +8,11 @@ in-process engine, the query rows our backends counted during ``generate``
 Subprocess use:  python -m tests.vllm.spec_runs '<json list of run_spec_engine kwargs>' OUT.json
 """
 
-import json
 import os
-import sys
 from pathlib import Path
 
 from mla_plugin.vllm.engine import exact_cpu_engine, release_engine
-from tests.vllm.engines import TEST_ENGINE, _collect, run_engines_subprocess
+from tests.vllm.engines import TEST_ENGINE, _collect, run_engines_subprocess, run_from_command_line
 
 # ngram speculation: up to 3 drafts per step, looked up from 1- to 4-grams of the prompt
 # and the output so far (the trained fixture's greedy text repeats, so drafts are accepted).
@@ -104,9 +102,4 @@ def run_each_in_own_process(tmp_dir: Path, runs: list[dict], timeout: float = 90
 
 
 if __name__ == "__main__":
-    runs, out_path = json.loads(sys.argv[1]), sys.argv[2]
-    results = []
-    for kwargs in runs:
-        print(f"=== engine run {len(results)}: {json.dumps(kwargs)}", flush=True)
-        results.append(run_spec_engine(**kwargs))
-    Path(out_path).write_text(json.dumps(results))
+    run_from_command_line(run_spec_engine)
