@@ -76,13 +76,15 @@ def test_our_backend_served_the_deepseek_fixture_only(results):
 
 
 def test_sglang_engine_without_sglang_is_one_clear_error(tmp_path):
-    """The vLLM venv has no SGLang: one line naming the SGLang venv, exit code 2, before any engine."""
+    """The vLLM venv has no SGLang: one line saying how to get it (the [sglang] extra, no repository path),
+    exit code 2, before any engine."""
     proc = subprocess.run([str(VLLM_CLI), "ppl", str(trained_fixture("deepseek-v2-tiny")), "--engine", "sglang",
                            "--text", str(wikitext_file("test.raw.txt"))],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and ".venv-sglang" in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and 'mla_plugin[sglang]' in lines[0], proc.stderr
+    assert ".venv" not in lines[0] and "scripts/" not in lines[0], proc.stderr
 
 
 def test_tp_ranks_get_equal_core_shares():

@@ -111,7 +111,8 @@ def test_dequantized_conversion_is_served_and_equals_the_fp8_source(tmp_path):
         full = torch.tensor([prompt_ids + result["tokens"][i]])  # [1, T]
         source_lp, source_experts = transformers_run(fp8, full)
         _, converted_experts = transformers_run(out, full)
-        alike = (source_experts == converted_experts).all(-1)[0, :-1]  # [T - 1]: row t predicts token t + 1
+        # experts picked per token [T, k] (batch 1); alike [T - 1]: row t predicts token t + 1
+        alike = (source_experts == converted_experts).all(-1)[:-1]
         ours = torch.tensor(result["prompt_logprobs"][i] + result["token_logprobs"][i], dtype=torch.float64)
         rows = source_lp[0, :-1]  # [T - 1, V]
         reference = rows.gather(-1, full[0, 1:, None])[:, 0]  # [T - 1]
