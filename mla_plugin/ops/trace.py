@@ -6,12 +6,16 @@ framework's, did the work. Framework-neutral; the backends and the ops seam writ
 - ``KERNEL_TRACE_ENV`` names a file that each process appends one line to per
   implementation of the attention seam it ran, after that implementation's kernels were
   launched (``kernel_choice.note_kernel_ran``): ``kernel-ran <torch|triton> pid=<pid>``.
+- ``ROWS_TRACE_ENV`` names a file that each vLLM process appends a line to on its first
+  decode with several query rows per request (a speculative verify step) and on its first
+  prefill that reads cached context (vllm/mla_backend.note_query_rows).
 """
 
 import os
 
 TRACE_ENV = "MLA_PLUGIN_TRACE_FILE"
 KERNEL_TRACE_ENV = "MLA_PLUGIN_KERNEL_TRACE_FILE"
+ROWS_TRACE_ENV = "MLA_PLUGIN_ROWS_TRACE_FILE"
 
 
 def append_trace(env: str, line: str) -> None:

@@ -21,7 +21,7 @@ from mla_plugin import MLA_BACKEND_NAME
 from mla_plugin.ops import paged_latent_attention, write_latent_cache
 from mla_plugin.ops.kernel_choice import kernel_for
 from mla_plugin.ops.latent_cache import FP8_CACHE_DTYPE, fp8_cache_refusal
-from mla_plugin.ops.trace import TRACE_ENV, append_trace
+from mla_plugin.ops.trace import ROWS_TRACE_ENV, TRACE_ENV, append_trace
 from mla_plugin.vllm.compat import (
     AttentionCGSupport,
     AttentionLayer,
@@ -94,7 +94,7 @@ def note_query_rows(table: dict[str, QueryRows], kind: str, backend_name: str, r
     counts.add(requests, rows, max_query_len, with_context, layer_name)
     if (kind == "decode" and first_multi) or (kind == "prefill" and first_context):
         what = "multi-token decode" if kind == "decode" else "prefill with context"
-        append_trace(TRACE_ENV, f"{backend_name} {what} pid={os.getpid()} requests={requests} rows={rows} "
+        append_trace(ROWS_TRACE_ENV, f"{backend_name} {what} pid={os.getpid()} requests={requests} rows={rows} "
                                 f"max_query_len={max_query_len}")
 
 

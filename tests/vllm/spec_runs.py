@@ -62,14 +62,20 @@ def _rows_delta(before: dict, after: dict) -> dict:
     return delta
 
 
+def rows_trace_file(trace_file) -> Path:
+    """Where the engine's processes note their first multi-row decode and prefill with context."""
+    return Path(str(trace_file) + ".rows")
+
+
 def run_spec_engine(model: str, backend: str | None = None, speculative_config: dict | None = None,
                     prompts: list[str] | None = None, max_tokens: int = 40, **engine_overrides) -> dict:
     """Greedy decode with logprobs, the spec-decode counters, and our query rows during generate."""
     from vllm import LLM, SamplingParams
 
     trace_file = engine_overrides.pop("trace_file", None)
-    if trace_file is not None:  # inherited by the processes this engine spawns
+    if trace_file is not None:  # inherited by the processes this engine spawns; query rows beside it
         os.environ["MLA_PLUGIN_TRACE_FILE"] = str(trace_file)
+        os.environ["MLA_PLUGIN_ROWS_TRACE_FILE"] = str(rows_trace_file(trace_file))
     kwargs = exact_cpu_engine(**{**TEST_ENGINE, **engine_overrides})
     llm = LLM(model, attention_backend=backend, speculative_config=speculative_config, disable_log_stats=False,
               **kwargs)

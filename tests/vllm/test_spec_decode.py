@@ -19,7 +19,7 @@ import pytest
 from mla_plugin.fixtures import trained_fixture
 from tests.vllm.engines import assert_matches_transformers, assert_same_logprobs, run_engines_subprocess
 from tests.vllm.helpers import gla, trace_lines, trace_pids
-from tests.vllm.spec_runs import NGRAM, run_each_in_own_process
+from tests.vllm.spec_runs import NGRAM, rows_trace_file, run_each_in_own_process
 
 MLA, GLA = "MLA_PLUGIN", "MLA_PLUGIN_GLA"
 RUNS = {  # name -> (backend, hf_overrides, speculation)
@@ -110,11 +110,12 @@ def test_tp2_speculative_output_and_verify_rows(tp2, run):
     assert result["metrics"]["vllm:spec_decode_num_accepted_tokens"] >= 10, result["metrics"]
     name = backend_name(run)
     lines = trace_lines(trace)
-    assert len(trace_pids(trace)) == 2, lines  # both ranks ran our decode
-    multi = [line for line in lines if line.startswith(f"{name} multi-token decode ")]
-    assert len({re.search(r"pid=(\d+)", line).group(1) for line in multi}) == 2, lines
+    assert len(trace_pids(trace)) == 2 and len(lines) == 2, lines  # both ranks ran our decode, one line each
+    rows = trace_lines(rows_trace_file(trace))
+    multi = [line for line in rows if line.startswith(f"{name} multi-token decode ")]
+    assert len({re.search(r"pid=(\d+)", line).group(1) for line in multi}) == 2, rows
     assert all(int(re.search(r"max_query_len=(\d+)", line).group(1)) > 1 for line in multi), multi
-    assert not [line for line in lines if "prefill with context" in line], lines
+    assert not [line for line in rows if "prefill with context" in line], rows
 
 
 def test_both_builders_take_varlen_decodes():
