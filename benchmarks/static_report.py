@@ -89,11 +89,12 @@ class _Recorder:
         return lambda *args, **kwargs: self.calls.append((args, kwargs))
 
 
-def stage1_call(config: Config, tuning: dict | None = None) -> tuple[tuple, dict]:
-    """The ``_split_attention`` launch (args, kwargs) of a decode call of ``config`` on a GPU
-    with ``SMS`` SMs, batch ``BATCH``, block size ``BLOCK_SIZE`` (tensors are small CPU
-    stand-ins: only their dtype and alignment matter to the compile; strides are those of
-    the real shapes)."""
+def stage1_call(config: Config, tuning: dict | None = None) -> tuple:
+    """The stage-1 launch ``(kernel, args, kwargs)`` of a decode call of ``config`` on a GPU with
+    ``SMS`` SMs, batch ``BATCH``, block size ``BLOCK_SIZE``: ``_balanced_attention`` (the default
+    schedule) or ``_split_attention`` (the exact path over ranks, or ``schedule=split``). The
+    tensors are small CPU stand-ins: only their dtype and alignment matter to the compile;
+    strides are those of the real shapes."""
     d_r, heads = 64, config.heads
     dtype = torch.float8_e4m3fn if config.cache == "fp8" else torch.bfloat16
     blocks_per_request = 16  # the block table's width (a multiple of 16, as vLLM's usually is)
@@ -105,23 +106,38 @@ def stage1_call(config: Config, tuning: dict | None = None) -> tuple[tuple, dict
     table = torch.zeros(BATCH, blocks_per_request, dtype=torch.int32)  # [B, max_blocks]
     slices = _slices(config)
     sigma = torch.ones(1) if config.cache == "fp8" else None
-    rows = lambda *_: (torch.zeros(BATCH, dtype=torch.int32), torch.zeros(BATCH, dtype=torch.int32))  # noqa: E731
-    with mock.patch.object(kernels, "_rows_of_tokens", rows):  # b(t), ctx_t [T] (a launch we do not run here)
+    rows = torch.zeros(BATCH, dtype=torch.int32)  # b(t), ctx_t [T] (launches we do not run here)
+    plan = mock.patch.object(kernels, "_plan_of_tokens", lambda *_: (rows, rows, torch.zeros(BATCH + 1, dtype=torch.int32)))
+    split_rows = mock.patch.object(kernels, "_rows_of_tokens", lambda *_: (rows, rows))
+    over_ranks = config.softmax == "exact"
+    with plan, split_rows:
         launches = kernels._Launches(q_latent, q_rope, cache, starts, lens, table, 0.1, slices, sigma,
-                                     None, placeholder=torch.zeros(1))
+                                     None, placeholder=torch.zeros(1), schedule="split" if over_ranks else "balanced")
     # What the launcher picks on a GPU (the CPU process picks the interpreter's tiles).
     launches.config = {**kernels.gpu_launch_config(launches.streams.d_s, launches.streams.heads_per_stream),
-                       **(tuning or {})}
+                       "schedule": "balanced", **(tuning or {})}
     launches.head_blocks = triton.cdiv(launches.streams.heads_per_stream, launches.config["block_h"])
-    wanted = 4 * SMS // max(1, BATCH * launches.streams.num_slices * launches.head_blocks)
+    stream_programs = launches.streams.num_slices * launches.head_blocks
+    wanted = 4 * SMS // max(1, BATCH * stream_programs)
     launches.num_splits = max(1, min(kernels.MAX_SPLITS, wanted))
-    recorder = _Recorder(kernels._split_attention)
-    partial_out, partial_lse = launches.partial_buffers()
-    logits = torch.zeros(BATCH, heads, 256, dtype=torch.float32) if config.softmax == "exact" else None
-    with mock.patch.object(kernels, "_split_attention", recorder):
-        launches.split_attention(partial_out, partial_lse, logits)
+    launches.workers = max(1, 4 * SMS // stream_programs)
+    if over_ranks or launches.config["schedule"] == "split":
+        launches.schedule = "split"
+        recorder = _Recorder(kernels._split_attention)
+        partial_out, partial_lse = launches.partial_buffers()
+        logits = torch.zeros(BATCH, heads, 256, dtype=torch.float32) if over_ranks else None
+        with mock.patch.object(kernels, "_split_attention", recorder):
+            launches.split_attention(partial_out, partial_lse, logits)
+    else:
+        launches.schedule = "balanced"
+        launches.cost_start = torch.zeros(BATCH + 1, dtype=torch.int32)
+        recorder = _Recorder(kernels._balanced_attention)
+        out = torch.zeros(BATCH, heads, config.d_c, dtype=torch.bfloat16)
+        with mock.patch.object(kernels, "_balanced_attention", recorder), \
+                mock.patch.object(kernels, "_merge_pieces", _Recorder(kernels._merge_pieces)):
+            launches.balanced_attention(out, torch.zeros(BATCH, heads), write_lse=False)
     (call,) = recorder.calls
-    return call
+    return (recorder.fn, *call), launches
 
 
 def compile_call(fn, args: tuple, kwargs: dict, target: GPUTarget):
@@ -154,15 +170,19 @@ def cubin_usage(cubin: bytes) -> dict:
 
 
 def _loop_body(ttgir: str) -> str:
-    """The lines of the first ``scf.for`` of the kernel (the key loop), up to its closing brace."""
+    """The lines of the key loop: the first ``scf.for`` of the kernel with a tile product in
+    its body (the balanced kernel's row search is a loop too), up to its closing brace."""
     lines = ttgir.splitlines()
     for i, line in enumerate(lines):
         if "scf.for" in line:
             indent = len(line) - len(line.lstrip())
+            body = lines[i:]
             for k in range(i + 1, len(lines)):
                 if lines[k].strip().startswith("}") and len(lines[k]) - len(lines[k].lstrip()) == indent:
-                    return "\n".join(lines[i:k + 1])
-            return "\n".join(lines[i:])
+                    body = lines[i:k + 1]
+                    break
+            if any("dot" in b for b in body):
+                return "\n".join(body)
     return ""
 
 
@@ -185,20 +205,21 @@ def pipeline_facts(ttgir: str, block_n: int, widths: dict[str, int]) -> dict:
 
 
 def report_row(config: Config, target: GPUTarget, tuning: dict | None = None) -> dict:
-    args, kwargs = stage1_call(config, tuning)
-    named = dict(zip(kernels._split_attention.arg_names, args))
-    kernel = compile_call(kernels._split_attention, args, kwargs, target)
+    (fn, args, kwargs), launches = stage1_call(config, tuning)
+    kernel = compile_call(fn, args, kwargs, target)
     facts = cubin_usage(kernel.asm["cubin"])
     shared = kernel.metadata.shared
     block_n, warps = kwargs["BLOCK_N"], kwargs["num_warps"]
     widths = {"rope": kwargs["BLOCK_DR"]}
-    if not kwargs["LOGITS_IN"]:  # the exact path over ranks reads partial logits, not the latent
+    if not kwargs.get("LOGITS_IN"):  # the exact path over ranks reads partial logits, not the latent
         widths["latent"] = kwargs["BLOCK_DS"]
     facts.update(pipeline_facts(kernel.asm["ttgir"], block_n, widths))
     ctas_regs = REGISTERS_PER_SM // max(1, facts["regs"] * 32 * warps)
     ctas_smem = SHARED_PER_SM // shared if shared else ctas_regs
     return dict(config=config.name, block_h=kwargs["BLOCK_H"], block_n=block_n, num_warps=warps,
-                num_stages=kwargs["num_stages"], num_splits=named["num_splits"], shared_bytes=shared,
+                num_stages=kwargs["num_stages"], shared_bytes=shared,
+                schedule=(f"balanced, {launches.workers} workers" if launches.schedule == "balanced"
+                          else f"split-K, {launches.num_splits} splits"),
                 ctas_per_sm=min(ctas_regs, ctas_smem), **facts)
 
 
@@ -212,12 +233,12 @@ def report(target: GPUTarget, configs: list[Config], tuning: dict | None = None,
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| config | tiles h/n/warps/stages | splits | regs | spill B (LDL/STL) | smem KB | CTAs/SM "
+    lines = ["| config | tiles h/n/warps/stages | schedule | regs | spill B (LDL/STL) | smem KB | CTAs/SM "
              "| KV buffers (latent, rope) | loop waits | MMA |",
-             "|---|---|---:|---:|---:|---:|---:|---|---|---|"]
+             "|---|---|---|---:|---:|---:|---:|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['config']} | {r['block_h']}/{r['block_n']}/{r['num_warps']}/{r['num_stages']} | {r['num_splits']} "
+            f"| {r['config']} | {r['block_h']}/{r['block_n']}/{r['num_warps']}/{r['num_stages']} | {r['schedule']} "
             f"| {r['regs']} | {r['spill_bytes']} ({r['ldl']}/{r['stl']}) | {r['shared_bytes'] / 1024:.1f} "
             f"| {r['ctas_per_sm']} | {r['kv_buffers']} ({_tiles(r['tile_buffers'])}) "
             f"| {','.join(map(str, r['loop_waits'])) or '-'} | {r['mma']} |")
@@ -229,14 +250,15 @@ def _tiles(tiles: dict) -> str:
 
 
 def _parse_tuning(items: list[str]) -> dict:
-    return {key: int(value) for key, value in (item.split("=", 1) for item in items)}
+    return {key: int(value) if value.isdigit() else value for key, value in (item.split("=", 1) for item in items)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", nargs="+", choices=[c.name for c in CONFIGS], help="default: all")
-    parser.add_argument("--tuning", nargs="*", default=[], metavar="KEY=INT",
-                        help="override the launch configuration (block_h, block_n, num_warps, num_stages)")
+    parser.add_argument("--tuning", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override the launch configuration (block_h, block_n, num_warps, num_stages; "
+                             "schedule=split for split-K)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiles in parallel")
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -249,7 +271,7 @@ def main(argv=None) -> int:
     tuning = _parse_tuning(args.tuning)
     rows = report(target, [c for c in CONFIGS if not args.config or c.name in args.config], tuning, args.jobs)
     print(f"# Triton {triton.__version__}, compiled for sm_{args.arch} on {'a GPU' if torch.cuda.is_available() else 'a CPU'}; "
-          f"batch {BATCH}, block {BLOCK_SIZE}, splits as on {SMS} SMs\n")
+          f"batch {BATCH}, block {BLOCK_SIZE}, workers and splits as on {SMS} SMs\n")
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(dict(triton=triton.__version__, arch=args.arch, rows=rows), indent=1))

@@ -57,6 +57,7 @@ launch can be captured in a CUDA graph (the split count depends only on the numb
 query rows and heads).
 """
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -69,20 +70,20 @@ from mla_plugin.ops.sharded_latent import LatentSlices
 # Most splits of one query row's context (stage-1 programs per row and stream block).
 MAX_SPLITS = 32
 
+# Calls per schedule ("balanced": plan, workers, merge of pieces; "split": split-K), counted
+# after their kernels were launched: the proof of which schedule ran.
+SCHEDULE_CALLS: Counter = Counter()
+
 # Overrides of the launch configuration (keys of ``launch_config``'s result), for tuning
 # runs (benchmarks/gpu_decode.py --sweep) and tests; empty in normal use.
 TUNING: dict = {}
 
 
 @triton.jit
-def _token_rows(query_start_ptr, seq_lens_ptr, request_ptr, context_ptr, tokens, batch, steps,
-                BLOCK_T: tl.constexpr):
-    """Per query row t: its request b(t) (the last b with query_start[b] <= t: a binary search
-    over query_start [B + 1] in ``steps`` = ceil(log2 B) halvings) and context ctx_t =
-    seq_len_b - (query_start[b + 1] - t) + 1 (0 for a padding row t >= query_start[B]), into
-    int32 [T] buffers: one small launch instead of a dozen torch kernels per call."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] rows
-    row_ok = t < tokens
+def _find_rows(query_start_ptr, seq_lens_ptr, t, row_ok, batch, steps, BLOCK_T: tl.constexpr):
+    """Query rows t ``[BLOCK_T]``: request b(t), the last b with query_start[b] <= t (a binary
+    search over query_start [B + 1] in ``steps`` = ceil(log2 B) halvings), and context ctx_t =
+    seq_len_b - (query_start[b + 1] - t) + 1 (0 for a padding row t >= query_start[B])."""
     lo = tl.zeros([BLOCK_T], tl.int32)
     hi = lo + batch - 1
     for _ in range(steps):
@@ -93,69 +94,48 @@ def _token_rows(query_start_ptr, seq_lens_ptr, request_ptr, context_ptr, tokens,
     end = tl.load(query_start_ptr + lo + 1, mask=row_ok, other=0).to(tl.int32)
     context = tl.load(seq_lens_ptr + lo, mask=row_ok, other=0).to(tl.int32) - (end - t) + 1
     padding = t >= tl.load(query_start_ptr + batch).to(tl.int32)
-    tl.store(request_ptr + t, lo, mask=row_ok)
-    tl.store(context_ptr + t, tl.where(padding, 0, tl.maximum(context, 0)), mask=row_ok)
+    return lo, tl.where(padding, 0, tl.maximum(context, 0))
 
 
-# One @triton.jit body over 80 lines: the online-softmax loop keeps its running state (m, l,
-# acc) in registers; splitting it into jit helpers buys nothing and makes the tile code harder
-# for the compiler to schedule.
 @triton.jit
-def _split_attention(
-    q_latent_ptr, q_rope_ptr,  # [T, H, d_loc], [T, H, d_R]
-    cache_ptr,  # [num_blocks, block_size, d_loc + d_R]
-    block_table_ptr,  # [B, max_blocks]
-    token_request_ptr, token_context_ptr,  # [T] int32: b(t), ctx_t
-    logits_ptr,  # [T, H, L] float32 (LOGITS_IN only)
-    partial_out_ptr, partial_lse_ptr,  # [T, H, S, NUM_SPLITS, D_S], [T, H, S, NUM_SPLITS] float32
-    # (one split and one slice: these are the output [T, H, d_loc], query dtype, and lse [T, H]: no merge)
-    kv_scale_ptr,  # [1] float32: σ of an fp8 cache (IS_FP8 only)
-    scale,
-    stride_qt, stride_qh, stride_rt, stride_rh,
-    stride_cache_block, stride_cache_slot, stride_table,
-    stride_lt, stride_lh,
-    num_heads, num_slices, heads_per_stream, head_base, head_step, head_blocks,
-    num_splits, block_size, d_loc, d_s, d_r,
-    key_start, key_end,  # the key window [key_start, key_end) of this launch (a chunk of context)
-    LOGITS_IN: tl.constexpr, LOW_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DR: tl.constexpr,
-    EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr, PAGED_TILE: tl.constexpr,
-):
-    scale_log2 = scale * 1.4426950408889634  # τ log2(e)
-    if IS_FP8:
-        kv_scale = tl.load(kv_scale_ptr)  # σ: logits and outputs are σ times those of the stored values
-        if not LOGITS_IN:
-            scale_log2 = scale_log2 * kv_scale
-    pid = tl.program_id(0)
-    head_block = pid % head_blocks
-    j = (pid // head_blocks) % num_slices
-    split = (pid // (head_blocks * num_slices)) % num_splits
-    t = pid // (head_blocks * num_slices * num_splits)
+def _token_rows(query_start_ptr, seq_lens_ptr, request_ptr, context_ptr, tokens, batch, steps,
+                BLOCK_T: tl.constexpr):
+    """b(t) and ctx_t (``_find_rows``) into int32 ``[T]`` buffers, BLOCK_T rows per program: one
+    small launch instead of a dozen torch kernels per call (the split-K schedule)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BLOCK_T] rows
+    row_ok = t < tokens
+    request, context = _find_rows(query_start_ptr, seq_lens_ptr, t, row_ok, batch, steps, BLOCK_T)
+    tl.store(request_ptr + t, request, mask=row_ok)
+    tl.store(context_ptr + t, context, mask=row_ok)
 
-    local = head_block * BLOCK_H + tl.arange(0, BLOCK_H)  # heads of this stream block
-    head_ok = local < heads_per_stream
-    heads = head_base + j * head_step + local  # [BLOCK_H] global head index
-    d = tl.arange(0, BLOCK_DS)
-    dr = tl.arange(0, BLOCK_DR)
-    # Masks along the row only when the widths fill their blocks: loads stay vectorised.
-    if EVEN_DS:
-        d_ok = d < BLOCK_DS
-    else:
-        d_ok = d < d_s
-    if EVEN_DR:
-        dr_ok = dr < BLOCK_DR
-    else:
-        dr_ok = dr < d_r
 
-    request = tl.load(token_request_ptr + t)
-    context = tl.load(token_context_ptr + t)
-    last = tl.minimum(context, key_end)  # keys [key_start, last) are this row's in the window
-    span = tl.maximum(last - key_start, 0)
-    per_split = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
-    start = key_start + split * per_split
-    end = tl.minimum(start + per_split, last)
+@triton.jit
+def _plan_rows(query_start_ptr, seq_lens_ptr, request_ptr, context_ptr, cost_start_ptr, tokens, batch, steps,
+               row_cost, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr):
+    """The balanced schedule's plan, in one program: b(t) and ctx_t, and the running cost
+    ``cost_start [T + 1]`` int32, where row t costs ⌈ctx_t / BLOCK_N⌉ key tiles plus
+    ``row_cost`` (its fixed work: queries, output, merge) and occupies the cost units
+    ``[cost_start[t], cost_start[t + 1])``. Read from device tensors only (graph-safe)."""
+    carry = tl.program_id(0) * 0  # cost of the rows before this block (int32)
+    tl.store(cost_start_ptr, carry)
+    for first in range(0, tokens, BLOCK_T):
+        t = first + tl.arange(0, BLOCK_T)  # [BLOCK_T] rows
+        row_ok = t < tokens
+        request, context = _find_rows(query_start_ptr, seq_lens_ptr, t, row_ok, batch, steps, BLOCK_T)
+        tl.store(request_ptr + t, request, mask=row_ok)
+        tl.store(context_ptr + t, context, mask=row_ok)
+        cost = tl.where(row_ok, tl.cdiv(context, BLOCK_N) + row_cost, 0)  # [BLOCK_T]
+        tl.store(cost_start_ptr + t + 1, carry + tl.cumsum(cost, 0), mask=row_ok)
+        carry += tl.sum(cost, 0)
 
-    t64 = t.to(tl.int64)
+
+@triton.jit
+def _load_queries(q_latent_ptr, q_rope_ptr, t64, heads, head_ok, j, d, d_ok, dr, dr_ok,
+                  stride_qt, stride_qh, stride_rt, stride_rh, d_s, cache_dtype,
+                  LOGITS_IN: tl.constexpr, LOW_PRECISION: tl.constexpr, IS_FP8: tl.constexpr):
+    """Row t's queries of one stream block: q̃ ``[BLOCK_H, BLOCK_DS]`` (slice j's columns; not
+    read with LOGITS_IN) and q^R ``[BLOCK_H, BLOCK_DR]``, in the dtype of the tile products."""
+    q = tl.zeros([1, 1], tl.float32)
     if not LOGITS_IN:
         q = tl.load(q_latent_ptr + t64 * stride_qt + heads[:, None] * stride_qh + j * d_s + d[None, :],
                     mask=head_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BLOCK_H, BLOCK_DS]
@@ -167,23 +147,38 @@ def _split_attention(
             if not LOGITS_IN:
                 q = q.to(tl.float16)
         else:
-            q_r = q_r.to(cache_ptr.dtype.element_ty)
+            q_r = q_r.to(cache_dtype)
             if not LOGITS_IN:
-                q = q.to(cache_ptr.dtype.element_ty)
+                q = q.to(cache_dtype)
+    return q, q_r
 
+
+# The online-softmax loop over one row's key tiles keeps its running state (m, l, acc) in
+# registers; both schedules (split-K and balanced) inline it.
+@triton.jit
+def _attend_keys(q, q_r, cache_ptr, block_table_ptr, logits_ptr, kv_scale,
+                 request, t64, heads, head_ok, j, d, d_ok, dr, dr_ok, start, end, key_start, scale_log2,
+                 stride_cache_block, stride_cache_slot, stride_table, stride_lt, stride_lh,
+                 block_size, d_loc, d_s,
+                 LOGITS_IN: tl.constexpr, LOW_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DR: tl.constexpr,
+                 EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr, PAGED_TILE: tl.constexpr):
+    """Keys ``[start, end)`` of one row (``start`` a multiple of BLOCK_N from ``key_start``):
+    the running max m ``[BLOCK_H]`` (base 2), the sum of weights l and acc = Σ p ĉ_stored
+    ``[BLOCK_H, BLOCK_DS]``."""
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DS], tl.float32)
+    table_row = block_table_ptr + request.to(tl.int64) * stride_table
     for first in range(start, end, BLOCK_N):
         pos = first + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         key_ok = pos < end
         if PAGED_TILE:  # the tile lies in one page (BLOCK_N divides the block size): one table lookup
-            page = tl.load(block_table_ptr + request.to(tl.int64) * stride_table + first // block_size)
+            page = tl.load(table_row + first // block_size)
             row = page.to(tl.int64) * stride_cache_block + (
                 (first % block_size + tl.arange(0, BLOCK_N)) * stride_cache_slot)  # [BLOCK_N]
         else:  # a page per key (block size below BLOCK_N)
-            block = tl.load(block_table_ptr + request.to(tl.int64) * stride_table + pos // block_size,
-                            mask=key_ok, other=0).to(tl.int64)
+            block = tl.load(table_row + pos // block_size, mask=key_ok, other=0).to(tl.int64)
             row = block * stride_cache_block + (pos % block_size).to(tl.int64) * stride_cache_slot  # [BLOCK_N]
         if EVEN_DS:
             latent = tl.load(cache_ptr + row[:, None] + j * d_s + d[None, :], mask=key_ok[:, None],
@@ -227,16 +222,244 @@ def _split_attention(
         else:
             acc = acc * alpha[:, None] + tl.dot(p, latent, input_precision="ieee")
         m = m_new
+    return m, total, acc
 
+
+@triton.jit
+def _column_masks(d, dr, d_s, d_r, BLOCK_DS: tl.constexpr, BLOCK_DR: tl.constexpr,
+                  EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr):
+    """Masks along a row; constant when the widths fill their blocks (loads stay vectorised)."""
+    if EVEN_DS:
+        d_ok = d < BLOCK_DS
+    else:
+        d_ok = d < d_s
+    if EVEN_DR:
+        dr_ok = dr < BLOCK_DR
+    else:
+        dr_ok = dr < d_r
+    return d_ok, dr_ok
+
+
+@triton.jit
+def _normalise(m, total, acc, kv_scale, IS_FP8: tl.constexpr):
+    """The normalised output acc / l (σ applied; 0 when l = 0) and lse = m ln 2 + ln l (−inf when l = 0)."""
     has_keys = total > 0.0
     if IS_FP8:
         acc = acc * kv_scale  # Σ p ĉ_stored · σ
     out = tl.where(has_keys[:, None], acc / tl.where(has_keys, total, 1.0)[:, None], 0.0)
     lse = tl.where(has_keys, m * 0.6931471805599453 + tl.log(tl.where(has_keys, total, 1.0)), float("-inf"))
+    return out, lse
+
+
+@triton.jit
+def _split_attention(
+    q_latent_ptr, q_rope_ptr,  # [T, H, d_loc], [T, H, d_R]
+    cache_ptr,  # [num_blocks, block_size, d_loc + d_R]
+    block_table_ptr,  # [B, max_blocks]
+    token_request_ptr, token_context_ptr,  # [T] int32: b(t), ctx_t
+    logits_ptr,  # [T, H, L] float32 (LOGITS_IN only)
+    partial_out_ptr, partial_lse_ptr,  # [T, H, S, NUM_SPLITS, D_S], [T, H, S, NUM_SPLITS] float32
+    # (one split and one slice: these are the output [T, H, d_loc], query dtype, and lse [T, H]: no merge)
+    kv_scale_ptr,  # [1] float32: σ of an fp8 cache (IS_FP8 only)
+    scale,
+    stride_qt, stride_qh, stride_rt, stride_rh,
+    stride_cache_block, stride_cache_slot, stride_table,
+    stride_lt, stride_lh,
+    num_heads, num_slices, heads_per_stream, head_base, head_step, head_blocks,
+    num_splits, block_size, d_loc, d_s, d_r,
+    key_start, key_end,  # the key window [key_start, key_end) of this launch (a chunk of context)
+    LOGITS_IN: tl.constexpr, LOW_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DR: tl.constexpr,
+    EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr, PAGED_TILE: tl.constexpr,
+):
+    scale_log2 = scale * 1.4426950408889634  # τ log2(e)
+    kv_scale = 1.0
+    if IS_FP8:
+        kv_scale = tl.load(kv_scale_ptr)  # σ: logits and outputs are σ times those of the stored values
+        if not LOGITS_IN:
+            scale_log2 = scale_log2 * kv_scale
+    pid = tl.program_id(0)
+    head_block = pid % head_blocks
+    j = (pid // head_blocks) % num_slices
+    split = (pid // (head_blocks * num_slices)) % num_splits
+    t = pid // (head_blocks * num_slices * num_splits)
+
+    local = head_block * BLOCK_H + tl.arange(0, BLOCK_H)  # heads of this stream block
+    head_ok = local < heads_per_stream
+    heads = head_base + j * head_step + local  # [BLOCK_H] global head index
+    d = tl.arange(0, BLOCK_DS)
+    dr = tl.arange(0, BLOCK_DR)
+    d_ok, dr_ok = _column_masks(d, dr, d_s, d_r, BLOCK_DS, BLOCK_DR, EVEN_DS, EVEN_DR)
+
+    request = tl.load(token_request_ptr + t)
+    context = tl.load(token_context_ptr + t)
+    last = tl.minimum(context, key_end)  # keys [key_start, last) are this row's in the window
+    span = tl.maximum(last - key_start, 0)
+    per_split = tl.cdiv(tl.cdiv(span, num_splits), BLOCK_N) * BLOCK_N
+    start = key_start + split * per_split
+    end = tl.minimum(start + per_split, last)
+
+    t64 = t.to(tl.int64)
+    q, q_r = _load_queries(q_latent_ptr, q_rope_ptr, t64, heads, head_ok, j, d, d_ok, dr, dr_ok,
+                           stride_qt, stride_qh, stride_rt, stride_rh, d_s, cache_ptr.dtype.element_ty,
+                           LOGITS_IN, LOW_PRECISION, IS_FP8)
+    m, total, acc = _attend_keys(q, q_r, cache_ptr, block_table_ptr, logits_ptr, kv_scale,
+                                 request, t64, heads, head_ok, j, d, d_ok, dr, dr_ok, start, end, key_start,
+                                 scale_log2, stride_cache_block, stride_cache_slot, stride_table, stride_lt,
+                                 stride_lh, block_size, d_loc, d_s,
+                                 LOGITS_IN, LOW_PRECISION, IS_FP8, BLOCK_H, BLOCK_N, BLOCK_DS, BLOCK_DR,
+                                 EVEN_DS, EVEN_DR, PAGED_TILE)
+    out, lse = _normalise(m, total, acc, kv_scale, IS_FP8)
     slot = ((t64 * num_heads + heads) * num_slices + j) * num_splits + split  # [BLOCK_H]
     tl.store(partial_out_ptr + slot[:, None] * d_s + d[None, :], out.to(partial_out_ptr.dtype.element_ty),
              mask=head_ok[:, None] & d_ok[None, :])  # one split, one slice: slot * d_s is out's [T, H, d_loc] row
     tl.store(partial_lse_ptr + slot, lse, mask=head_ok)
+
+
+@triton.jit
+def _worker_range(g, total_cost, workers):
+    """Worker g's cost units ``[lo, hi)``: an equal share of the batch's ``total_cost`` (int64)."""
+    total = total_cost.to(tl.int64)
+    return g * total // workers, (g + 1) * total // workers
+
+
+@triton.jit
+def _balanced_attention(
+    q_latent_ptr, q_rope_ptr,  # [T, H, d_loc], [T, H, d_R]
+    cache_ptr,  # [num_blocks, block_size, d_loc + d_R]
+    block_table_ptr,  # [B, max_blocks]
+    token_request_ptr, token_context_ptr, cost_start_ptr,  # [T], [T], [T + 1] int32 (``_plan_rows``)
+    out_ptr, lse_ptr,  # [T, H, d_loc] query dtype, [T, H] float32 (WRITE_LSE only)
+    piece_out_ptr, piece_lse_ptr,  # [G, 2, H, S, D_S], [G, 2, H, S] float32: the rows a worker shares
+    kv_scale_ptr,  # [1] float32: σ of an fp8 cache (IS_FP8 only)
+    scale,
+    stride_qt, stride_qh, stride_rt, stride_rh,
+    stride_cache_block, stride_cache_slot, stride_table, stride_ot, stride_oh,
+    tokens, num_heads, num_slices, heads_per_stream, head_base, head_step, head_blocks,
+    workers, row_cost, steps, block_size, d_loc, d_s, d_r,
+    WRITE_LSE: tl.constexpr, LOW_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DR: tl.constexpr,
+    EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr, PAGED_TILE: tl.constexpr,
+):
+    # Program (worker g, slice j, block of BLOCK_H heads of stream j). Worker g owns the cost
+    # units [lo, hi) of the concatenated rows and walks the rows they touch: a row wholly
+    # inside is written to out / lse; a row cut by lo or hi leaves a piece (slot 0: the
+    # worker's first row, slot 1: its last) that ``_merge_pieces`` combines.
+    scale_log2 = scale * 1.4426950408889634  # τ log2(e)
+    kv_scale = 1.0
+    if IS_FP8:
+        kv_scale = tl.load(kv_scale_ptr)
+        scale_log2 = scale_log2 * kv_scale
+    pid = tl.program_id(0)
+    head_block = pid % head_blocks
+    j = (pid // head_blocks) % num_slices
+    g = pid // (head_blocks * num_slices)
+    local = head_block * BLOCK_H + tl.arange(0, BLOCK_H)  # heads of this stream block
+    head_ok = local < heads_per_stream
+    heads = head_base + j * head_step + local  # [BLOCK_H] global head index
+    d = tl.arange(0, BLOCK_DS)
+    dr = tl.arange(0, BLOCK_DR)
+    d_ok, dr_ok = _column_masks(d, dr, d_s, d_r, BLOCK_DS, BLOCK_DR, EVEN_DS, EVEN_DR)
+
+    lo, hi = _worker_range(g, tl.load(cost_start_ptr + tokens), workers)
+    # The first row: the last t with cost_start[t] <= lo (binary search over [0, T - 1]).
+    t_lo = g * 0
+    t_hi = t_lo + tokens - 1
+    for _ in range(steps):
+        mid = (t_lo + t_hi + 1) // 2
+        before = tl.load(cost_start_ptr + mid).to(tl.int64) <= lo
+        t_lo = tl.where(before, mid, t_lo)
+        t_hi = tl.where(before, t_hi, mid - 1)
+    t = t_lo
+    row_start = tl.load(cost_start_ptr + t).to(tl.int64)
+    while (t < tokens) & (row_start < hi):
+        row_end = tl.load(cost_start_ptr + t + 1).to(tl.int64)
+        context = tl.load(token_context_ptr + t)
+        tiles = tl.cdiv(context, BLOCK_N)
+        # Units [row_start, row_start + row_cost) are the row's fixed work; unit row_start +
+        # row_cost + i is key tile i.
+        first_tile = tl.maximum(lo - row_start - row_cost, 0)
+        last_tile = tl.minimum(hi - row_start - row_cost, tiles)
+        start = (first_tile * BLOCK_N).to(tl.int32)
+        end = tl.minimum(last_tile * BLOCK_N, context).to(tl.int32)  # empty when end <= start
+        t64 = t.to(tl.int64)
+        q, q_r = _load_queries(q_latent_ptr, q_rope_ptr, t64, heads, head_ok, j, d, d_ok, dr, dr_ok,
+                               stride_qt, stride_qh, stride_rt, stride_rh, d_s, cache_ptr.dtype.element_ty,
+                               False, LOW_PRECISION, IS_FP8)
+        m, total, acc = _attend_keys(q, q_r, cache_ptr, block_table_ptr, q_latent_ptr, kv_scale,
+                                     tl.load(token_request_ptr + t), t64, heads, head_ok, j, d, d_ok, dr, dr_ok,
+                                     start, end, 0, scale_log2, stride_cache_block, stride_cache_slot,
+                                     stride_table, 0, 0, block_size, d_loc, d_s,
+                                     False, LOW_PRECISION, IS_FP8, BLOCK_H, BLOCK_N, BLOCK_DS, BLOCK_DR,
+                                     EVEN_DS, EVEN_DR, PAGED_TILE)
+        out, lse = _normalise(m, total, acc, kv_scale, IS_FP8)
+        # [BLOCK_H] masks (a scalar condition broadcast with tl.where: the interpreter's `&` of
+        # a scalar and a tensor yields integers)
+        whole = tl.where(head_ok, (lo <= row_start) & (row_end <= hi), False)  # the row is all ours
+        shared = tl.where(head_ok, (row_start < lo) | (hi < row_end), False)  # cut: a piece
+        out_row = t64 * stride_ot + heads * stride_oh + j * d_s  # [BLOCK_H]
+        tl.store(out_ptr + out_row[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=whole[:, None] & d_ok[None, :])
+        if WRITE_LSE:
+            tl.store(lse_ptr + t64 * num_heads + heads, lse, mask=whole)
+        slot = tl.where(row_start <= lo, 0, 1)  # the worker's first row, or its last
+        piece = ((g.to(tl.int64) * 2 + slot) * num_heads + heads) * num_slices + j  # [BLOCK_H]
+        tl.store(piece_out_ptr + piece[:, None] * d_s + d[None, :], out, mask=shared[:, None] & d_ok[None, :])
+        tl.store(piece_lse_ptr + piece, lse, mask=shared)
+        t += 1
+        row_start = row_end
+
+
+@triton.jit
+def _merge_pieces(
+    cost_start_ptr,  # [T + 1] int32 (``_plan_rows``)
+    piece_out_ptr, piece_lse_ptr,  # [G, 2, H, S, D_S], [G, 2, H, S] float32
+    out_ptr, lse_ptr,  # [T, H, S * D_S] query dtype, [T, H] float32 (WRITE_LSE only)
+    stride_ot, stride_oh,
+    tokens, num_heads, num_slices, heads_per_stream, head_base, head_step, workers, d_s,
+    WRITE_LSE: tl.constexpr, BLOCK_DS: tl.constexpr,
+):
+    # Program (t, h, j): a row that one worker held whole is already written; a row cut over
+    # workers g_first..g_last gets the log-sum-exp merge of their pieces; a head that does
+    # not read slice j (grouped) gets 0 there.
+    pid = tl.program_id(0)
+    j = pid % num_slices
+    h = (pid // num_slices) % num_heads
+    t = pid // (num_slices * num_heads)
+    local = h - (head_base + j * head_step)
+    in_stream = (local >= 0) & (local < heads_per_stream)
+    outside = (local < 0) | (local >= heads_per_stream)
+    total_cost = tl.load(cost_start_ptr + tokens).to(tl.int64)
+    row_start = tl.load(cost_start_ptr + t).to(tl.int64)
+    row_end = tl.load(cost_start_ptr + t + 1).to(tl.int64)
+    # The worker holding unit u is the last g with g·W // G <= u: ⌈(u + 1) G / W⌉ − 1.
+    g_first = ((row_start + 1) * workers + total_cost - 1) // total_cost - 1
+    g_last = (row_end * workers + total_cost - 1) // total_cost - 1
+    pieces = tl.where(in_stream & (g_last > g_first), g_last - g_first + 1, 0)
+    d = tl.arange(0, BLOCK_DS)
+    d_ok = d < d_s
+    peak = tl.full([], float("-inf"), tl.float32)
+    total = tl.zeros([], tl.float32)
+    acc = tl.zeros([BLOCK_DS], tl.float32)
+    for g in range(g_first, g_first + pieces):
+        lo, _ = _worker_range(g, total_cost, workers)
+        piece = ((g * 2 + tl.where(row_start <= lo, 0, 1)) * num_heads + h) * num_slices + j
+        lse_g = tl.load(piece_lse_ptr + piece)
+        new_peak = tl.maximum(peak, lse_g)
+        safe = tl.where(new_peak == float("-inf"), 0.0, new_peak)
+        earlier, weight = tl.exp(peak - safe), tl.exp(lse_g - safe)  # 0 for an empty piece
+        total = total * earlier + weight
+        acc = acc * earlier + weight * tl.load(piece_out_ptr + piece * d_s + d, mask=d_ok, other=0.0)
+        peak = new_peak
+    has_keys = total > 0.0
+    out = tl.where(has_keys, acc / tl.where(has_keys, total, 1.0), 0.0)
+    write = tl.where(d_ok, (pieces > 0) | outside, False)  # [BLOCK_DS] (tl.where: see _balanced_attention)
+    tl.store(out_ptr + t.to(tl.int64) * stride_ot + h * stride_oh + j * d_s + d, out.to(out_ptr.dtype.element_ty),
+             mask=write)
+    if WRITE_LSE:
+        lse = tl.where(has_keys, tl.where(peak == float("-inf"), 0.0, peak) + tl.log(tl.where(has_keys, total, 1.0)),
+                       float("-inf"))
+        tl.store(lse_ptr + t.to(tl.int64) * num_heads + h, lse, mask=(pieces > 0) | outside)
 
 
 @triton.jit
@@ -387,8 +610,23 @@ def launch_config(d_s: int, heads_per_stream: int, device: torch.device) -> dict
         config = dict(block_h=16, block_n=64, num_warps=4, num_stages=1)
     else:
         config = gpu_launch_config(d_s, heads_per_stream)
+    config["schedule"] = "balanced"  # or "split" (split-K; the exact path over ranks always)
     config.update(TUNING)
     return config
+
+
+# A row's fixed work in the balanced schedule (its queries, output and merge), in key tiles'
+# worth of keys: a short row still costs about this much.
+ROW_COST_KEYS = 64
+
+
+def choose_workers(stream_programs: int, device: torch.device) -> int:
+    """Workers of the balanced schedule per (slice, head block): about four programs per SM
+    (from the GPU's size only, so a captured CUDA graph stays valid for any lengths)."""
+    if device.type != "cuda":
+        return 3  # the interpreter: a few workers, so that rows are cut and merged
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, 4 * sms // max(1, stream_programs))
 
 
 def choose_num_splits(tokens: int, stream_programs: int, device: torch.device) -> int:
@@ -413,6 +651,20 @@ def _rows_of_tokens(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, token
     _token_rows[(triton.cdiv(tokens, block_t),)](starts, lens, request, context, tokens, batch,
                                                  max(1, (batch - 1).bit_length()), BLOCK_T=block_t)
     return request, context
+
+
+def _plan_of_tokens(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, tokens: int, batch: int,
+                    block_n: int):
+    """The balanced schedule's plan (``_plan_rows``): b(t), ctx_t ``[T]`` and cost_start
+    ``[T + 1]``, int32."""
+    starts = query_start_loc.reshape(-1).contiguous()  # [B + 1]
+    lens = seq_lens.reshape(-1).contiguous()  # [B]
+    request = torch.empty(tokens, dtype=torch.int32, device=starts.device)
+    context = torch.empty(tokens, dtype=torch.int32, device=starts.device)
+    cost_start = torch.empty(tokens + 1, dtype=torch.int32, device=starts.device)
+    _plan_rows[(1,)](starts, lens, request, context, cost_start, tokens, batch, max(1, (batch - 1).bit_length()),
+                     triton.cdiv(ROW_COST_KEYS, block_n), BLOCK_N=block_n, BLOCK_T=512)
+    return request, context, cost_start
 
 
 @dataclass(frozen=True)
@@ -450,7 +702,7 @@ class _Launches:
     """One call's inputs, prepared once, and the launches of the three kernels over them."""
 
     def __init__(self, q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, scale, slices,
-                 cache_scale, num_splits, placeholder):
+                 cache_scale, num_splits, placeholder, schedule: str = "balanced"):
         tokens, heads, d_loc = q_latent.shape
         batch = query_start_loc.numel() - 1
         device = q_latent.device
@@ -467,15 +719,23 @@ class _Launches:
         self.cache = cache
         table = block_table[:batch]
         self.table = table if table.stride(-1) == 1 else table.contiguous()  # [B, max_blocks]
-        self.request, self.context = _rows_of_tokens(query_start_loc, seq_lens, tokens, batch)
         self.tokens, self.heads, self.d_loc, self.d_r = tokens, heads, d_loc, q_rope.shape[-1]
         self.block_size = cache.shape[1]
         self.scale = float(scale)
         self.streams = _StreamLayout.of(slices, heads, d_loc)
         self.config = launch_config(self.streams.d_s, self.streams.heads_per_stream, device)
         self.head_blocks = triton.cdiv(self.streams.heads_per_stream, self.config["block_h"])
+        stream_programs = self.streams.num_slices * self.head_blocks
+        # Balanced unless asked otherwise (a split count, the schedule "split", or the caller).
+        self.schedule = "split" if num_splits is not None or self.config["schedule"] == "split" else schedule
+        if self.schedule == "balanced":
+            self.request, self.context, self.cost_start = _plan_of_tokens(query_start_loc, seq_lens, tokens, batch,
+                                                                          self.config["block_n"])
+            self.workers = choose_workers(stream_programs, device)
+        else:
+            self.request, self.context = _rows_of_tokens(query_start_loc, seq_lens, tokens, batch)
         if num_splits is None:
-            num_splits = choose_num_splits(tokens, self.streams.num_slices * self.head_blocks, device)
+            num_splits = choose_num_splits(tokens, stream_programs, device)
         self.num_splits = max(1, min(MAX_SPLITS, num_splits))
 
     def writes_output_directly(self) -> bool:
@@ -525,6 +785,35 @@ class _Launches:
             EVEN_DS=d_s_block == st.d_s, EVEN_DR=d_r_block == self.d_r,
             PAGED_TILE=self.block_size % config["block_n"] == 0 and key_start % config["block_n"] == 0,
             num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
+
+    def balanced_attention(self, out, lse, write_lse: bool) -> None:
+        """The balanced schedule: workers over equal shares of the batch's key tiles write whole
+        rows into ``out`` / ``lse`` and pieces of cut rows, which ``_merge_pieces`` combines."""
+        st, config = self.streams, self.config
+        q, r, cache, table = self.q_latent, self.q_rope, self.cache, self.table
+        pieces = (self.workers, 2, self.heads, st.num_slices)
+        piece_out = torch.empty((*pieces, st.d_s), dtype=torch.float32, device=out.device)
+        piece_lse = torch.empty(pieces, dtype=torch.float32, device=out.device)
+        d_s_block, d_r_block = _pow2(st.d_s), _pow2(self.d_r)
+        _balanced_attention[(self.workers * st.num_slices * self.head_blocks,)](
+            q, r, cache, table, self.request, self.context, self.cost_start, out, lse, piece_out, piece_lse,
+            self.kv_scale, self.scale,
+            q.stride(0), q.stride(1), r.stride(0), r.stride(1),
+            cache.stride(0), cache.stride(1), table.stride(0), out.stride(0), out.stride(1),
+            self.tokens, self.heads, st.num_slices, st.heads_per_stream, st.head_base, st.head_step,
+            self.head_blocks, self.workers, triton.cdiv(ROW_COST_KEYS, config["block_n"]),
+            max(1, self.tokens.bit_length()), self.block_size, self.d_loc, st.d_s, self.d_r,
+            WRITE_LSE=write_lse, LOW_PRECISION=self.low_precision, IS_FP8=self.is_fp8,
+            BLOCK_H=config["block_h"], BLOCK_N=config["block_n"], BLOCK_DS=d_s_block, BLOCK_DR=d_r_block,
+            EVEN_DS=d_s_block == st.d_s, EVEN_DR=d_r_block == self.d_r,
+            PAGED_TILE=self.block_size % config["block_n"] == 0,
+            num_warps=config["num_warps"], num_stages=config["num_stages"],
+        )
+        _merge_pieces[(self.tokens * self.heads * st.num_slices,)](
+            self.cost_start, piece_out, piece_lse, out, lse, out.stride(0), out.stride(1),
+            self.tokens, self.heads, st.num_slices, st.heads_per_stream, st.head_base, st.head_step,
+            self.workers, st.d_s, WRITE_LSE=write_lse, BLOCK_DS=d_s_block,
         )
 
     def merge(self, partial_out, partial_lse, out, lse, write_lse: bool, accumulate: bool = False) -> None:
@@ -606,15 +895,19 @@ def triton_paged_latent_attention(
     if cache.stride(-1) != 1:
         raise ValueError(f"the cache's last dimension must be contiguous, got strides {cache.stride()}")
     _check_interpreter(device)
+    over_ranks = slices.softmax == "exact" and all_reduce is not None
     launches = _Launches(q_latent, q_rope, cache, query_start_loc, seq_lens, block_table, scale, slices,
-                         cache_scale, num_splits, placeholder=lse)
-    if slices.softmax == "exact" and all_reduce is not None:
+                         cache_scale, num_splits, placeholder=lse, schedule="split" if over_ranks else "balanced")
+    if over_ranks:
         _exact_over_ranks(launches, all_reduce, max_seq_len, out, lse, logits_budget_bytes)
+    elif launches.schedule == "balanced":  # return_lse is for the exact softmax only: one stream per head
+        launches.balanced_attention(out, lse, write_lse=return_lse)
     elif launches.writes_output_directly():  # stage 1 writes out / lse: no fp32 partials, no merge
         launches.split_attention(out, lse, None)
     else:
         partial_out, partial_lse = launches.partial_buffers()
         launches.split_attention(partial_out, partial_lse, None)
         launches.merge(partial_out, partial_lse, out, lse, write_lse=return_lse)
+    SCHEDULE_CALLS[launches.schedule] += 1
     note_kernel_ran("triton")
     return (out, lse) if return_lse else out

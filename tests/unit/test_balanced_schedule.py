@@ -1,0 +1,184 @@
+"""The balanced schedule of the Triton decode kernels (``triton_paged_attention.py``):
+``_plan_rows`` (request, context and running cost of every query row, on the device),
+``_balanced_attention`` (workers over equal shares of the batch's key tiles) and
+``_merge_pieces`` (rows cut between workers), against plain-torch integers and the float64
+references, with NaN-poisoned caches and lengths from 1 to a few hundred keys in one batch.
+
+On CPU in Triton's interpreter; with ``-m gpu`` compiled on a CUDA machine.
+"""
+
+import math
+
+import pytest
+import torch
+
+from mla_plugin.ops.reference import sharded_latent_attention
+from mla_plugin.ops.sharded_latent import LatentSlices
+from tests.unit.paged_cases import make_batch, mla_reference, per_request, random_logit_scale
+from tests.unit.test_triton_kernels import DEVICES, HAS_CUDA, on
+
+# (q_len, seq_len): a long decode next to short ones, a 3-token verify, a prefill on a cached
+# prefix, a one-key request: lengths 10x apart, as a real decode batch.
+VARIED = [(1, 300), (1, 7), (3, 41), (1, 1), (6, 70), (1, 130)]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    import triton.runtime.interpreter as interpreter
+
+    import mla_plugin.ops.triton_paged_attention as module
+
+    assert isinstance(module._balanced_attention, interpreter.InterpretedFunction) == (not HAS_CUDA)
+    return module
+
+
+def counted(kernels, monkeypatch, *names):
+    """Wrap kernels so their launches are counted (the proof of what ran)."""
+    counts = {}
+    for name in names:
+        kernel = getattr(kernels, name)
+        counts[name] = 0
+
+        class Counting:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                counts[self.name] += 1
+                return self.kernel[grid]
+
+        monkeypatch.setattr(kernels, name, Counting(kernel, name))
+    return counts
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_plan_matches_torch(kernels, device, rng):
+    """b(t), ctx_t and cost_start from one program, over more rows than its block (the carry
+    between blocks), with padding rows and a request without queries."""
+    q_lens = [1] * 300 + [0] + [400, 5] + [1] * 200
+    seq_lens = torch.randint(1, 500, (len(q_lens),), generator=rng, dtype=torch.int32)
+    seq_lens = torch.maximum(seq_lens, torch.tensor(q_lens, dtype=torch.int32))
+    starts = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    tokens = int(starts[-1]) + 3  # three padding rows
+    block_n = 16
+    request, context, cost_start = kernels._plan_of_tokens(*on(device, starts, seq_lens), tokens, len(q_lens),
+                                                           block_n)
+    want_request = torch.searchsorted(starts, torch.arange(tokens, dtype=torch.int32), right=True) - 1
+    want_request = want_request.clamp(max=len(q_lens) - 1)
+    t = torch.arange(tokens)
+    want_context = seq_lens[want_request] - (starts[want_request + 1] - t) + 1
+    want_context = torch.where(t >= starts[-1], 0, want_context.clamp(min=0))
+    row_cost = math.ceil(kernels.ROW_COST_KEYS / block_n)
+    cost = (want_context + block_n - 1) // block_n + row_cost
+    assert torch.equal(request.cpu()[: int(starts[-1])], want_request[: int(starts[-1])].int())
+    assert torch.equal(context.cpu(), want_context.int())
+    assert torch.equal(cost_start.cpu(), torch.cat([torch.zeros(1), cost.cumsum(0)]).int())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("workers", [1, 2, 5, 64, 2000])
+def test_balanced_mla_matches_float64_reference(kernels, workers, device, monkeypatch, rng):
+    """One worker (every row whole), a few (rows cut between workers, several pieces of the
+    long row), more workers than the batch has cost units (empty workers); the output, the
+    lse and the padding rows; the balanced kernels ran and split-K did not."""
+    monkeypatch.setattr(kernels, "choose_workers", lambda stream_programs, device: workers)
+    counts = counted(kernels, monkeypatch, "_plan_rows", "_balanced_attention", "_merge_pieces")
+    d_c, d_r, heads, block_size = 64, 16, 4, 16
+    case, q_lat, q_rope, qsl = make_batch(VARIED, d_c, d_r, heads, block_size, torch.float32, rng)
+    args = on(device, q_lat, q_rope, case.cache, qsl, case.seq_lens, case.block_table)
+    before = dict(kernels.SCHEDULE_CALLS)
+    out, lse = kernels.triton_paged_latent_attention(*args, 0.2, LatentSlices(), None, 300, True)
+    assert kernels.SCHEDULE_CALLS["balanced"] == before.get("balanced", 0) + 1
+    assert kernels.SCHEDULE_CALLS["split"] == before.get("split", 0)
+    assert counts == {"_plan_rows": 1, "_balanced_attention": 1, "_merge_pieces": 1}
+    out, lse = out.cpu(), lse.cpu()
+    for got, want in zip(per_request(out, qsl), mla_reference(q_lat, q_rope, qsl, case, 0.2)):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    padding = int(qsl[-1])
+    assert (out[padding:] == 0).all() and (lse[padding:] == float("-inf")).all()
+    split_out, split_lse = kernels.triton_paged_latent_attention(*args, 0.2, LatentSlices(), None, 300, True,
+                                                                 num_splits=3)
+    torch.testing.assert_close(lse, split_lse.cpu(), atol=1e-5, rtol=1e-5)
+    assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode,num_shards,local", [("partitioned", 2, 2), ("grouped", 4, 2), ("grouped", 2, 1)])
+def test_balanced_streams_match_float64_reference(kernels, mode, num_shards, local, device, monkeypatch, rng):
+    """Several local slices (one softmax each) and grouped heads, whose other slices' columns
+    must be 0; with λ per (head, slice), on the ranks' views concatenated."""
+    monkeypatch.setattr(kernels, "choose_workers", lambda stream_programs, device: 4)
+    d_c, d_r, heads, block_size = 64, 16, 4, 8
+    case, q_lat, q_rope, qsl = make_batch(VARIED, d_c, d_r, heads, block_size, torch.float32, rng)
+    lam = random_logit_scale(heads, num_shards, rng)
+    d_s = d_c // num_shards
+    parts = []
+    for offset in range(0, num_shards, local):
+        cols = slice(offset * d_s, (offset + local) * d_s)
+        cache = torch.cat([case.cache[..., cols], case.cache[..., d_c:]], dim=-1).contiguous()
+        slices = LatentSlices(num_shards=num_shards, shard_offset=offset, shards_local=local, softmax=mode,
+                              logit_scale=lam.float())
+        args = on(device, q_lat[..., cols].contiguous(), q_rope, cache, qsl, case.seq_lens, case.block_table)
+        before = kernels.SCHEDULE_CALLS["balanced"]
+        parts.append(kernels.triton_paged_latent_attention(*args, 0.2, slices, None, 300, False).cpu())
+        assert kernels.SCHEDULE_CALLS["balanced"] == before + 1
+    out = torch.cat(parts, dim=-1)
+    expected = sharded_latent_attention(per_request(q_lat, qsl), per_request(q_rope, qsl), case.latents,
+                                        case.rope_keys, 0.2, num_shards=num_shards, softmax_mode=mode,
+                                        logit_scale=lam)
+    for got, want in zip(per_request(out, qsl), expected):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert (out[int(qsl[-1]):] == 0).all()
+
+
+# (layout, heads, block_size): the tiles gpu_launch_config picks, forced in the interpreter.
+GPU_TILE_CASES = [("mla", 16, 64), ("mla", 16, 8), ("partitioned", 16, 16), ("mla", 128, 32)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout,heads,block_size", GPU_TILE_CASES)
+def test_balanced_gpu_tiles_match_float64_reference(kernels, layout, heads, block_size, device, monkeypatch, rng):
+    """The GPU's tiles for each layout under the balanced schedule (one page lookup per tile
+    where BLOCK_N divides the block size, a page per key otherwise)."""
+    d_c, d_r = 512, 64
+    num_shards = 2 if layout == "partitioned" else 1
+    gpu = kernels.gpu_launch_config(d_c // num_shards, heads)
+    if device == "cpu":
+        monkeypatch.setattr(kernels, "TUNING", {"block_h": gpu["block_h"], "block_n": gpu["block_n"]})
+        monkeypatch.setattr(kernels, "choose_workers", lambda stream_programs, device: 3)
+    requests = [(1, 37), (2, 20), (1, 5)]
+    case, q_lat, q_rope, qsl = make_batch(requests, d_c, d_r, heads, block_size, torch.float32, rng, padded_rows=1)
+    lam = random_logit_scale(heads, num_shards, rng).float() if num_shards > 1 else None
+    parts = []
+    for rank in range(num_shards):
+        d_s = d_c // num_shards
+        cols = slice(rank * d_s, (rank + 1) * d_s)
+        cache = torch.cat([case.cache[..., cols], case.cache[..., d_c:]], dim=-1).contiguous()
+        slices = (LatentSlices() if num_shards == 1 else
+                  LatentSlices(num_shards=2, shard_offset=rank, shards_local=1, softmax=layout, logit_scale=lam))
+        args = on(device, q_lat[..., cols].contiguous(), q_rope, cache, qsl, case.seq_lens, case.block_table)
+        before = kernels.SCHEDULE_CALLS["balanced"]
+        parts.append(kernels.triton_paged_latent_attention(*args, 0.25, slices, None, 37, False).cpu())
+        assert kernels.SCHEDULE_CALLS["balanced"] == before + 1
+    out = torch.cat(parts, dim=-1)
+    expected = sharded_latent_attention(per_request(q_lat, qsl), per_request(q_rope, qsl), case.latents,
+                                        case.rope_keys, 0.25, num_shards=num_shards,
+                                        softmax_mode="exact" if num_shards == 1 else layout,
+                                        logit_scale=None if lam is None else lam.double())
+    for got, want in zip(per_request(out, qsl), expected):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    assert (out[int(qsl[-1]):] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_split_schedule_is_still_chosen_when_asked(kernels, device, monkeypatch, rng):
+    """TUNING's schedule "split" (the benchmark's comparison) runs split-K, with the same result."""
+    case, q_lat, q_rope, qsl = make_batch(VARIED[:3], 64, 16, 4, 16, torch.float32, rng)
+    args = on(device, q_lat, q_rope, case.cache, qsl, case.seq_lens, case.block_table)
+    balanced = kernels.triton_paged_latent_attention(*args, 0.2, LatentSlices(), None, 300, False)
+    monkeypatch.setattr(kernels, "TUNING", {"schedule": "split"})
+    before = dict(kernels.SCHEDULE_CALLS)
+    split = kernels.triton_paged_latent_attention(*args, 0.2, LatentSlices(), None, 300, False)
+    assert kernels.SCHEDULE_CALLS["split"] == before.get("split", 0) + 1
+    assert kernels.SCHEDULE_CALLS["balanced"] == before.get("balanced", 0)
+    torch.testing.assert_close(balanced, split, atol=2e-5, rtol=2e-5)
