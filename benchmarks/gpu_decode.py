@@ -14,7 +14,9 @@ CUDA-graph replays (``--no-graph``: eager) with the default split counts (ours:
   the same process: the measure at 128 heads, where decode is compute-bound;
 - the 2-way-shard layout (one 256+64 slice per rank) as a fraction of the MLA time;
 - MTP rows: 2-4 query tokens per request at 16 heads, as a ratio to the one-token time;
-- a fixed-cost probe: context 64, where the time is launch and per-call overhead.
+- a fixed-cost probe: context 64, where the time is launch and per-call overhead;
+- our other schedule (split-K beside the default balanced one) and, for fp8, pointer loads
+  beside TMA tile copies, in the same process ("split-K ms", "no-TMA ms").
 
     python benchmarks/gpu_decode.py --json out.json             # the table
     python benchmarks/gpu_decode.py --sweep                      # launch configurations (TUNING)
@@ -163,6 +165,18 @@ def run_row(args, clock, peer, heads, context, layout, varied, cache_dtype, gen,
                lengths="varied" if varied else "equal", batch=args.batch, tokens=case["tokens"])
     row["err"] = max_error(ours(case, d_c, layout, context), want, f"ours {what}")
     row["ms"] = clock.ms(lambda: ours(case, d_c, layout, context))
+    # The same call with the other schedule (split-K where the default is balanced; the same
+    # where split-K is the default) and, for fp8, with pointer loads instead of TMA copies.
+    alternatives = {"split_ms": {"schedule": "split"}}
+    if case["fp8"]:
+        alternatives["pointer_ms"] = {"tma": False}
+    for key, tuning in alternatives.items():
+        kernels.TUNING.update(tuning)
+        try:
+            max_error(ours(case, d_c, layout, context), want, f"ours {what} {tuning}")
+            row[key] = clock.ms(lambda: ours(case, d_c, layout, context))
+        finally:
+            kernels.TUNING.clear()
     sms = torch.cuda.get_device_properties(0).multi_processor_count if clock.device == "cuda" else 132
     inputs = vllm_peer.prepare(case["q"], case["cache"], case["lens"], case["table"], d_c, query_len, context, sms)
     scale = 1 / math.sqrt(192)
@@ -182,15 +196,17 @@ def print_row(row: dict, roof: dict) -> None:
     row["of_gemm"] = row["tflops"] / roof["gemm_tflops"]
     print(f"| {row['cache']} | {row['layout']} | {row['heads']} | {row['context']} | {row['lengths']} | "
           f"{row['query_len']} | {row['ms']:.3f} | {row['gbps']:.0f} | {row['of_copy']:.0%} | {row['of_read']:.0%} | "
-          f"{row['tflops']:.1f} | {row['of_gemm']:.0%} | {row['vllm_ms']:.3f} ({row['vllm_splits']}) | "
+          f"{row['tflops']:.1f} | {row['of_gemm']:.0%} | {row['split_ms']:.3f} | "
+          f"{'%.3f' % row['pointer_ms'] if 'pointer_ms' in row else '-'} | "
+          f"{row['vllm_ms']:.3f} ({row['vllm_splits']}) | "
           f"{row['vllm_ms'] / row['ms']:.2f} | {row.get('shard_over_mla', '')} | {row.get('over_one_token', '')} | "
           f"{max(row['err'], row['vllm_err']):.1e} |", flush=True)
 
 
 def table_rows(args, clock, peer, gen, roof) -> list[dict]:
     print("| cache | layout | heads | context | lengths | q/req | ms | GB/s | of copy | of read | TFLOPS | of GEMM "
-          "| vLLM ms (splits) | vLLM/ours | shard/MLA | /1-token | err |")
-    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| split-K ms | no-TMA ms | vLLM ms (splits) | vLLM/ours | shard/MLA | /1-token | err |")
+    print("|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for cache_dtype, heads, context, varied in itertools.product(args.cache_dtype, args.heads, args.contexts,
                                                                    (False, True)):

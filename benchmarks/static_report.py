@@ -107,15 +107,17 @@ def stage1_call(config: Config, tuning: dict | None = None) -> tuple:
     slices = _slices(config)
     sigma = torch.ones(1) if config.cache == "fp8" else None
     rows = torch.zeros(BATCH, dtype=torch.int32)  # b(t), ctx_t [T] (launches we do not run here)
-    plan = mock.patch.object(kernels, "_plan_of_tokens", lambda *_: (rows, rows, torch.zeros(BATCH + 1, dtype=torch.int32)))
+    cost_start = torch.zeros(BATCH + 1, dtype=torch.int32)  # [T + 1]
+    plan = mock.patch.object(kernels, "_plan_of_tokens", lambda *_: (rows, rows, cost_start))
     split_rows = mock.patch.object(kernels, "_rows_of_tokens", lambda *_: (rows, rows))
     over_ranks = config.softmax == "exact"
     with plan, split_rows:
         launches = kernels._Launches(q_latent, q_rope, cache, starts, lens, table, 0.1, slices, sigma,
                                      None, placeholder=torch.zeros(1), schedule="split" if over_ranks else "balanced")
     # What the launcher picks on a GPU (the CPU process picks the interpreter's tiles).
-    launches.config = {**kernels.gpu_launch_config(launches.streams.d_s, launches.streams.heads_per_stream),
-                       "schedule": "balanced", **(tuning or {})}
+    launches.config = {**kernels.gpu_launch_config(launches.streams.d_s, launches.streams.heads_per_stream,
+                                                   launches.is_fp8),
+                       **(tuning or {})}
     launches.head_blocks = triton.cdiv(launches.streams.heads_per_stream, launches.config["block_h"])
     stream_programs = launches.streams.num_slices * launches.head_blocks
     wanted = 4 * SMS // max(1, BATCH * stream_programs)
@@ -197,7 +199,7 @@ def pipeline_facts(ttgir: str, block_n: int, widths: dict[str, int]) -> dict:
     for stages, rows, width in re.findall(r"ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x(\d+)x(\d+)x", ttgir):
         if int(rows) == block_n:
             depth[int(width)] = max(depth.get(int(width), 0), int(stages))
-    has_async = "async_copy_global_to_local" in ttgir
+    has_async = re.search(r"async(_tma)?_copy_global_to_local", ttgir) is not None
     tiles = {name: depth.get(width, 0) if has_async else 0 for name, width in widths.items()}
     body = _loop_body(ttgir)
     waits = sorted({int(n) for n in re.findall(r"async_wait[^\n]*\{num = (\d+) : i32\}", body)})
@@ -210,14 +212,14 @@ def report_row(config: Config, target: GPUTarget, tuning: dict | None = None) ->
     facts = cubin_usage(kernel.asm["cubin"])
     shared = kernel.metadata.shared
     block_n, warps = kwargs["BLOCK_N"], kwargs["num_warps"]
-    widths = {"rope": kwargs["BLOCK_DR"]}
-    if not kwargs.get("LOGITS_IN"):  # the exact path over ranks reads partial logits, not the latent
-        widths["latent"] = kwargs["BLOCK_DS"]
+    widths = {"rope": kwargs["BLOCK_DR"], "latent": kwargs["BLOCK_DS"]}  # (the exact path over ranks reads
+    # its logits from the all-reduced buffer, and the latent tile for the output)
     facts.update(pipeline_facts(kernel.asm["ttgir"], block_n, widths))
     ctas_regs = REGISTERS_PER_SM // max(1, facts["regs"] * 32 * warps)
     ctas_smem = SHARED_PER_SM // shared if shared else ctas_regs
     return dict(config=config.name, block_h=kwargs["BLOCK_H"], block_n=block_n, num_warps=warps,
                 num_stages=kwargs["num_stages"], shared_bytes=shared,
+                loads="tma" if kwargs["TMA_TILE"] else "pointer",
                 schedule=(f"balanced, {launches.workers} workers" if launches.schedule == "balanced"
                           else f"split-K, {launches.num_splits} splits"),
                 ctas_per_sm=min(ctas_regs, ctas_smem), **facts)
@@ -233,12 +235,13 @@ def report(target: GPUTarget, configs: list[Config], tuning: dict | None = None,
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| config | tiles h/n/warps/stages | schedule | regs | spill B (LDL/STL) | smem KB | CTAs/SM "
+    lines = ["| config | tiles h/n/warps/stages | schedule | tile loads | regs | spill B (LDL/STL) | smem KB | CTAs/SM "
              "| KV buffers (latent, rope) | loop waits | MMA |",
-             "|---|---|---|---:|---:|---:|---:|---|---|---|"]
+             "|---|---|---|---|---:|---:|---:|---:|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['config']} | {r['block_h']}/{r['block_n']}/{r['num_warps']}/{r['num_stages']} | {r['schedule']} "
+            f"| {r['config']} | {r['block_h']}/{r['block_n']}/{r['num_warps']}/{r['num_stages']} "
+            f"| {r['schedule']} | {r['loads']} "
             f"| {r['regs']} | {r['spill_bytes']} ({r['ldl']}/{r['stl']}) | {r['shared_bytes'] / 1024:.1f} "
             f"| {r['ctas_per_sm']} | {r['kv_buffers']} ({_tiles(r['tile_buffers'])}) "
             f"| {','.join(map(str, r['loop_waits'])) or '-'} | {r['mma']} |")
@@ -257,8 +260,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", nargs="+", choices=[c.name for c in CONFIGS], help="default: all")
     parser.add_argument("--tuning", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override the launch configuration (block_h, block_n, num_warps, num_stages; "
-                             "schedule=split for split-K)")
+                        help="override the launch configuration (block_h, block_n, num_warps, num_stages, "
+                             "tma=0/1; schedule=split for split-K)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiles in parallel")
     parser.add_argument("--json", type=Path, help="also write the rows here")
@@ -270,7 +273,8 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     tuning = _parse_tuning(args.tuning)
     rows = report(target, [c for c in CONFIGS if not args.config or c.name in args.config], tuning, args.jobs)
-    print(f"# Triton {triton.__version__}, compiled for sm_{args.arch} on {'a GPU' if torch.cuda.is_available() else 'a CPU'}; "
+    machine = "a GPU" if torch.cuda.is_available() else "a CPU"
+    print(f"# Triton {triton.__version__}, compiled for sm_{args.arch} on {machine}; "
           f"batch {BATCH}, block {BLOCK_SIZE}, workers and splits as on {SMS} SMs\n")
     print(table(rows))
     if args.json:

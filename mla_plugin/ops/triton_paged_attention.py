@@ -11,7 +11,23 @@ all local latent columns; partitioned / grouped have one per (local slice j, hea
 reads j) over slice j's d_s columns plus the rope key. λ is folded into the query before
 the kernels (λ q̃^(j) · ĉ^(j) = (λ q̃^(j)) · ĉ^(j)).
 
-Kernels:
+Kernels, in two schedules (``launch_config``'s ``schedule``):
+
+Balanced (the default): ``_plan_rows`` (one program) computes per row b(t), ctx_t and a cost
+c_t = ⌈ctx_t / BLOCK_N⌉ + ⌈ROW_COST_KEYS / BLOCK_N⌉ (key tiles plus the row's fixed work) and
+the running sum ``cost_start [T + 1]``, on the device. ``_balanced_attention``: program (worker
+g, slice j, block of BLOCK_H heads of stream j) over G workers (``choose_workers``: from the
+GPU's size and the heads only, so a captured CUDA graph holds for any lengths); worker g owns
+the cost units [g·W/G, (g+1)·W/G) of the total W and walks the rows they touch (unit
+cost_start[t] + ⌈ROW_COST_KEYS / BLOCK_N⌉ + i is key tile i of row t). A row wholly inside
+its share is normalised and written to the output; a row cut by a share boundary leaves a
+piece (the worker's first or last row: at most two per worker, laid out as output rows, its
+lse in float32), and ``_merge_pieces`` (program (t, h, j)) combines the pieces of each cut
+row by their log-sum-exp, and writes 0 for heads that do not read slice j (grouped). Every
+worker does the same work whatever the mix of lengths.
+
+Split-K (the exact path over ranks, a given split count, and configurations where the
+balanced row loop's registers do not fit): ``_token_rows`` finds b(t), ctx_t, then
 
 ``_split_attention`` (stage 1, split-K): program (t, split, slice j, block of BLOCK_H
 heads of stream j). The split covers keys [split·K_s, (split+1)·K_s) ∩ [0, ctx_t) with
@@ -23,9 +39,14 @@ K_s = ⌈ctx_t / NUM_SPLITS⌉ rounded up to BLOCK_N. Online softmax over key ti
     l' = α l + Σ_n p_n,  acc' = α acc + Σ_n p_n ĉ^(j)_n
 
 with m = −inf handled explicitly (a fully masked tile leaves m = −inf and adds nothing);
-computed in base 2 (s log2 e and ``exp2``), the LSE converted back to natural log.
-It stores the normalised partial output acc / l (0 when l = 0) and lse = m + ln l
-(−inf when l = 0), in float32.
+computed in base 2 (s log2 e and ``exp2``), the LSE converted back to natural log
+(``_attend_keys``, shared by both schedules). It stores the normalised partial output
+acc / l (0 when l = 0) and lse = m + ln l (−inf when l = 0), in float32.
+
+Key tiles: one block-table lookup per tile when BLOCK_N divides the block size (else a page
+per key); with ``tma`` (fp8 tiles feeding mma.sync on Hopper, where pointer loads of 8-bit
+tiles are not pipelined) the latent and rope tiles come as TMA box copies from descriptors
+over the cache's ``[num_blocks · block_size, d_loc + d_R]`` rows.
 
 ``_merge_splits`` (stage 2): per (t, head, j): lse = ln Σ_s e^(lse_s), ō = Σ_s ō_s e^(lse_s − lse);
 no key at all gives ō = 0, lse = −inf. Heads that do not read slice j (grouped) get 0.
@@ -51,7 +72,9 @@ a GPU. An fp8 cache (values / σ, ``latent_cache.py``) is read as stored: e4m3 v
 exact in fp16/fp32, so they are widened to fp16 for the products on a GPU (the query is
 rounded to fp16 too; e4m3 → fp16 is the hardware's native conversion), and
 σ (read from a device tensor) is folded into the logit scale (s = τ σ (q · k_stored)) and
-into the output (ō = σ Σ_n p_n ĉ_stored,n); the partial-logits kernel multiplies its sums by σ. Unused cache slots are never loaded (masked loads), so NaN there cannot leak.
+into the output (ō = σ Σ_n p_n ĉ_stored,n); the partial-logits kernel multiplies its sums by σ.
+Unused cache slots never reach the output: pointer loads mask them, and TMA copies (whole
+boxes) are zeroed in the P·V operand, so NaN there cannot leak.
 No tensor is read on the host: grid sizes come from shapes and host ints only, so the
 launch can be captured in a CUDA graph (the split count depends only on the number of
 query rows and heads).
@@ -73,6 +96,8 @@ MAX_SPLITS = 32
 # Calls per schedule ("balanced": plan, workers, merge of pieces; "split": split-K), counted
 # after their kernels were launched: the proof of which schedule ran.
 SCHEDULE_CALLS: Counter = Counter()
+# Stage-1 launches per way of reading key tiles ("tma" or "pointer"), counted after launch.
+TILE_LOADS: Counter = Counter()
 
 # Overrides of the launch configuration (keys of ``launch_config``'s result), for tuning
 # runs (benchmarks/gpu_decode.py --sweep) and tests; empty in normal use.
@@ -156,13 +181,13 @@ def _load_queries(q_latent_ptr, q_rope_ptr, t64, heads, head_ok, j, d, d_ok, dr,
 # The online-softmax loop over one row's key tiles keeps its running state (m, l, acc) in
 # registers; both schedules (split-K and balanced) inline it.
 @triton.jit
-def _attend_keys(q, q_r, cache_ptr, block_table_ptr, logits_ptr, kv_scale,
+def _attend_keys(q, q_r, cache_ptr, latent_desc, rope_desc, block_table_ptr, logits_ptr, kv_scale,
                  request, t64, heads, head_ok, j, d, d_ok, dr, dr_ok, start, end, key_start, scale_log2,
                  stride_cache_block, stride_cache_slot, stride_table, stride_lt, stride_lh,
                  block_size, d_loc, d_s,
                  LOGITS_IN: tl.constexpr, LOW_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
                  BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DR: tl.constexpr,
-                 EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr, PAGED_TILE: tl.constexpr):
+                 EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr, PAGED_TILE: tl.constexpr, TMA_TILE: tl.constexpr):
     """Keys ``[start, end)`` of one row (``start`` a multiple of BLOCK_N from ``key_start``):
     the running max m ``[BLOCK_H]`` (base 2), the sum of weights l and acc = Σ p ĉ_stored
     ``[BLOCK_H, BLOCK_DS]``."""
@@ -173,25 +198,21 @@ def _attend_keys(q, q_r, cache_ptr, block_table_ptr, logits_ptr, kv_scale,
     for first in range(start, end, BLOCK_N):
         pos = first + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
         key_ok = pos < end
-        if PAGED_TILE:  # the tile lies in one page (BLOCK_N divides the block size): one table lookup
-            page = tl.load(table_row + first // block_size)
-            row = page.to(tl.int64) * stride_cache_block + (
-                (first % block_size + tl.arange(0, BLOCK_N)) * stride_cache_slot)  # [BLOCK_N]
-        else:  # a page per key (block size below BLOCK_N)
-            block = tl.load(table_row + pos // block_size, mask=key_ok, other=0).to(tl.int64)
-            row = block * stride_cache_block + (pos % block_size).to(tl.int64) * stride_cache_slot  # [BLOCK_N]
-        if EVEN_DS:
-            latent = tl.load(cache_ptr + row[:, None] + j * d_s + d[None, :], mask=key_ok[:, None],
-                             other=0.0)  # [BLOCK_N, BLOCK_DS]
+        if TMA_TILE:  # tensor-memory copies of whole boxes (PAGED_TILE, EVEN_DS, EVEN_DR; descriptors over
+            # the cache's [num_blocks * block_size, d_loc + d_R] rows): keys past `end` are loaded too
+            # and masked below (never multiplied into the output)
+            slot0 = tl.load(table_row + first // block_size) * block_size + first % block_size
+            latent = latent_desc.load([slot0, j * d_s])  # [BLOCK_N, BLOCK_DS]
+            rope = rope_desc.load([slot0, d_loc])  # [BLOCK_N, BLOCK_DR]
         else:
-            latent = tl.load(cache_ptr + row[:, None] + j * d_s + d[None, :],
-                             mask=key_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DS]
-        if EVEN_DR:
-            rope = tl.load(cache_ptr + row[:, None] + d_loc + dr[None, :], mask=key_ok[:, None],
-                           other=0.0)  # [BLOCK_N, BLOCK_DR]
-        else:
-            rope = tl.load(cache_ptr + row[:, None] + d_loc + dr[None, :],
-                           mask=key_ok[:, None] & dr_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DR]
+            if PAGED_TILE:  # the tile lies in one page (BLOCK_N divides the block size): one table lookup
+                page = tl.load(table_row + first // block_size)
+                row = page.to(tl.int64) * stride_cache_block + (
+                    (first % block_size + tl.arange(0, BLOCK_N)) * stride_cache_slot)  # [BLOCK_N]
+            else:  # a page per key (block size below BLOCK_N)
+                block = tl.load(table_row + pos // block_size, mask=key_ok, other=0).to(tl.int64)
+                row = block * stride_cache_block + (pos % block_size).to(tl.int64) * stride_cache_slot  # [BLOCK_N]
+            latent, rope = _load_tile(cache_ptr, row, key_ok, j, d, d_ok, dr, dr_ok, d_loc, d_s, EVEN_DS, EVEN_DR)
         if IS_FP8 and LOW_PRECISION:  # stored values, exactly, in fp16; σ is folded in
             latent = latent.to(tl.float16)
             rope = rope.to(tl.float16)
@@ -217,12 +238,32 @@ def _attend_keys(q, q_r, cache_ptr, block_table_ptr, logits_ptr, kv_scale,
         p = tl.exp2(s - m_safe[:, None])  # 0 where masked
         alpha = tl.exp2(m - m_safe)  # 0 while m = -inf
         total = total * alpha + tl.sum(p, axis=1)
+        if TMA_TILE:  # keys past `end` (unused cache memory, NaN possibly): 0 in the P·V operand only;
+            latent = tl.where(key_ok[:, None], latent, 0.0)  # their logits are already -inf above
         if LOW_PRECISION:
             acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent)
         else:
             acc = acc * alpha[:, None] + tl.dot(p, latent, input_precision="ieee")
         m = m_new
     return m, total, acc
+
+
+@triton.jit
+def _load_tile(cache_ptr, row, key_ok, j, d, d_ok, dr, dr_ok, d_loc, d_s, EVEN_DS: tl.constexpr,
+               EVEN_DR: tl.constexpr):
+    """Latent ``[BLOCK_N, BLOCK_DS]`` (slice j) and rope ``[BLOCK_N, BLOCK_DR]`` tiles of the cache
+    rows ``row`` ``[BLOCK_N]`` by masked pointer loads (keys past the context read 0)."""
+    if EVEN_DS:
+        latent = tl.load(cache_ptr + row[:, None] + j * d_s + d[None, :], mask=key_ok[:, None], other=0.0)
+    else:
+        latent = tl.load(cache_ptr + row[:, None] + j * d_s + d[None, :], mask=key_ok[:, None] & d_ok[None, :],
+                         other=0.0)
+    if EVEN_DR:
+        rope = tl.load(cache_ptr + row[:, None] + d_loc + dr[None, :], mask=key_ok[:, None], other=0.0)
+    else:
+        rope = tl.load(cache_ptr + row[:, None] + d_loc + dr[None, :], mask=key_ok[:, None] & dr_ok[None, :],
+                       other=0.0)
+    return latent, rope
 
 
 @triton.jit
@@ -255,6 +296,7 @@ def _normalise(m, total, acc, kv_scale, IS_FP8: tl.constexpr):
 def _split_attention(
     q_latent_ptr, q_rope_ptr,  # [T, H, d_loc], [T, H, d_R]
     cache_ptr,  # [num_blocks, block_size, d_loc + d_R]
+    latent_desc, rope_desc,  # TMA descriptors over the cache rows (TMA_TILE; else unused)
     block_table_ptr,  # [B, max_blocks]
     token_request_ptr, token_context_ptr,  # [T] int32: b(t), ctx_t
     logits_ptr,  # [T, H, L] float32 (LOGITS_IN only)
@@ -270,7 +312,7 @@ def _split_attention(
     key_start, key_end,  # the key window [key_start, key_end) of this launch (a chunk of context)
     LOGITS_IN: tl.constexpr, LOW_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DR: tl.constexpr,
-    EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr, PAGED_TILE: tl.constexpr,
+    EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr, PAGED_TILE: tl.constexpr, TMA_TILE: tl.constexpr,
 ):
     scale_log2 = scale * 1.4426950408889634  # τ log2(e)
     kv_scale = 1.0
@@ -303,12 +345,12 @@ def _split_attention(
     q, q_r = _load_queries(q_latent_ptr, q_rope_ptr, t64, heads, head_ok, j, d, d_ok, dr, dr_ok,
                            stride_qt, stride_qh, stride_rt, stride_rh, d_s, cache_ptr.dtype.element_ty,
                            LOGITS_IN, LOW_PRECISION, IS_FP8)
-    m, total, acc = _attend_keys(q, q_r, cache_ptr, block_table_ptr, logits_ptr, kv_scale,
+    m, total, acc = _attend_keys(q, q_r, cache_ptr, latent_desc, rope_desc, block_table_ptr, logits_ptr, kv_scale,
                                  request, t64, heads, head_ok, j, d, d_ok, dr, dr_ok, start, end, key_start,
                                  scale_log2, stride_cache_block, stride_cache_slot, stride_table, stride_lt,
                                  stride_lh, block_size, d_loc, d_s,
                                  LOGITS_IN, LOW_PRECISION, IS_FP8, BLOCK_H, BLOCK_N, BLOCK_DS, BLOCK_DR,
-                                 EVEN_DS, EVEN_DR, PAGED_TILE)
+                                 EVEN_DS, EVEN_DR, PAGED_TILE, TMA_TILE)
     out, lse = _normalise(m, total, acc, kv_scale, IS_FP8)
     slot = ((t64 * num_heads + heads) * num_slices + j) * num_splits + split  # [BLOCK_H]
     tl.store(partial_out_ptr + slot[:, None] * d_s + d[None, :], out.to(partial_out_ptr.dtype.element_ty),
@@ -327,10 +369,11 @@ def _worker_range(g, total_cost, workers):
 def _balanced_attention(
     q_latent_ptr, q_rope_ptr,  # [T, H, d_loc], [T, H, d_R]
     cache_ptr,  # [num_blocks, block_size, d_loc + d_R]
+    latent_desc, rope_desc,  # TMA descriptors over the cache rows (TMA_TILE; else unused)
     block_table_ptr,  # [B, max_blocks]
     token_request_ptr, token_context_ptr, cost_start_ptr,  # [T], [T], [T + 1] int32 (``_plan_rows``)
     out_ptr, lse_ptr,  # [T, H, d_loc] query dtype, [T, H] float32 (WRITE_LSE only)
-    piece_out_ptr, piece_lse_ptr,  # [G, 2, H, S, D_S], [G, 2, H, S] float32: the rows a worker shares
+    piece_out_ptr, piece_lse_ptr,  # [G·2, H, d_loc] as out, [G·2, H, S] float32: the rows a worker shares
     kv_scale_ptr,  # [1] float32: σ of an fp8 cache (IS_FP8 only)
     scale,
     stride_qt, stride_qh, stride_rt, stride_rh,
@@ -339,7 +382,7 @@ def _balanced_attention(
     workers, row_cost, steps, block_size, d_loc, d_s, d_r,
     WRITE_LSE: tl.constexpr, LOW_PRECISION: tl.constexpr, IS_FP8: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DR: tl.constexpr,
-    EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr, PAGED_TILE: tl.constexpr,
+    EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr, PAGED_TILE: tl.constexpr, TMA_TILE: tl.constexpr,
 ):
     # Program (worker g, slice j, block of BLOCK_H heads of stream j). Worker g owns the cost
     # units [lo, hi) of the concatenated rows and walks the rows they touch: a row wholly
@@ -383,29 +426,40 @@ def _balanced_attention(
         start = (first_tile * BLOCK_N).to(tl.int32)
         end = tl.minimum(last_tile * BLOCK_N, context).to(tl.int32)  # empty when end <= start
         t64 = t.to(tl.int64)
-        q, q_r = _load_queries(q_latent_ptr, q_rope_ptr, t64, heads, head_ok, j, d, d_ok, dr, dr_ok,
-                               stride_qt, stride_qh, stride_rt, stride_rh, d_s, cache_ptr.dtype.element_ty,
-                               False, LOW_PRECISION, IS_FP8)
-        m, total, acc = _attend_keys(q, q_r, cache_ptr, block_table_ptr, q_latent_ptr, kv_scale,
+        # Column indices of this row's query loads and stores: 0 + the arange at run time, but
+        # depending on the row, so that the compiler does not hoist their [BLOCK_H, BLOCK_DS]
+        # offsets out of the row loop (they would stay in registers through the key loop).
+        row_zero = tl.minimum(context, 0) * 16
+        row_local = local + row_zero
+        row_head_ok = row_local < heads_per_stream
+        row_heads = head_base + j * head_step + row_local
+        d_row = d + row_zero
+        dr_row = dr + row_zero
+        d_row_ok, dr_row_ok = _column_masks(d_row, dr_row, d_s, d_r, BLOCK_DS, BLOCK_DR, EVEN_DS, EVEN_DR)
+        q, q_r = _load_queries(q_latent_ptr, q_rope_ptr, t64, row_heads, row_head_ok, j, d_row, d_row_ok, dr_row,
+                               dr_row_ok, stride_qt, stride_qh, stride_rt, stride_rh, d_s,
+                               cache_ptr.dtype.element_ty, False, LOW_PRECISION, IS_FP8)
+        m, total, acc = _attend_keys(q, q_r, cache_ptr, latent_desc, rope_desc, block_table_ptr, q_latent_ptr,
+                                     kv_scale,
                                      tl.load(token_request_ptr + t), t64, heads, head_ok, j, d, d_ok, dr, dr_ok,
                                      start, end, 0, scale_log2, stride_cache_block, stride_cache_slot,
                                      stride_table, 0, 0, block_size, d_loc, d_s,
                                      False, LOW_PRECISION, IS_FP8, BLOCK_H, BLOCK_N, BLOCK_DS, BLOCK_DR,
-                                     EVEN_DS, EVEN_DR, PAGED_TILE)
+                                     EVEN_DS, EVEN_DR, PAGED_TILE, TMA_TILE)
         out, lse = _normalise(m, total, acc, kv_scale, IS_FP8)
-        # [BLOCK_H] masks (a scalar condition broadcast with tl.where: the interpreter's `&` of
-        # a scalar and a tensor yields integers)
-        whole = tl.where(head_ok, (lo <= row_start) & (row_end <= hi), False)  # the row is all ours
-        shared = tl.where(head_ok, (row_start < lo) | (hi < row_end), False)  # cut: a piece
-        out_row = t64 * stride_ot + heads * stride_oh + j * d_s  # [BLOCK_H]
-        tl.store(out_ptr + out_row[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=whole[:, None] & d_ok[None, :])
-        if WRITE_LSE:
-            tl.store(lse_ptr + t64 * num_heads + heads, lse, mask=whole)
-        slot = tl.where(row_start <= lo, 0, 1)  # the worker's first row, or its last
-        piece = ((g.to(tl.int64) * 2 + slot) * num_heads + heads) * num_slices + j  # [BLOCK_H]
-        tl.store(piece_out_ptr + piece[:, None] * d_s + d[None, :], out, mask=shared[:, None] & d_ok[None, :])
-        tl.store(piece_lse_ptr + piece, lse, mask=shared)
+        # One store: a row wholly inside [lo, hi) goes to out, a cut row to this worker's piece
+        # (slot 0: its first row, slot 1: its last), laid out as out's rows.
+        whole = (lo <= row_start) & (row_end <= hi)
+        piece = g.to(tl.int64) * 2 + tl.where(row_start <= lo, 0, 1)
+        dest = tl.where(whole, out_ptr + t64 * stride_ot, piece_out_ptr + piece * stride_ot)
+        tl.store(dest + (row_heads * stride_oh + j * d_s)[:, None] + d_row[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_head_ok[:, None] & d_row_ok[None, :])
+        lse_dest = tl.where(whole, lse_ptr + t64 * num_heads, piece_lse_ptr + piece * num_heads * num_slices)
+        if WRITE_LSE:  # one slice (the exact softmax): lse [T, H] and the pieces' [G·2, H, 1] alike
+            tl.store(lse_dest + row_heads, lse, mask=row_head_ok)
+        else:
+            tl.store(lse_dest + row_heads * num_slices + j, lse,
+                     mask=tl.where(row_head_ok, (row_start < lo) | (hi < row_end), False))
         t += 1
         row_start = row_end
 
@@ -413,8 +467,8 @@ def _balanced_attention(
 @triton.jit
 def _merge_pieces(
     cost_start_ptr,  # [T + 1] int32 (``_plan_rows``)
-    piece_out_ptr, piece_lse_ptr,  # [G, 2, H, S, D_S], [G, 2, H, S] float32
-    out_ptr, lse_ptr,  # [T, H, S * D_S] query dtype, [T, H] float32 (WRITE_LSE only)
+    piece_out_ptr, piece_lse_ptr,  # [G·2, H, d_loc] as out (same strides), [G·2, H, S] float32
+    out_ptr, lse_ptr,  # [T, H, d_loc] query dtype, [T, H] float32 (WRITE_LSE only)
     stride_ot, stride_oh,
     tokens, num_heads, num_slices, heads_per_stream, head_base, head_step, workers, d_s,
     WRITE_LSE: tl.constexpr, BLOCK_DS: tl.constexpr,
@@ -443,13 +497,14 @@ def _merge_pieces(
     acc = tl.zeros([BLOCK_DS], tl.float32)
     for g in range(g_first, g_first + pieces):
         lo, _ = _worker_range(g, total_cost, workers)
-        piece = ((g * 2 + tl.where(row_start <= lo, 0, 1)) * num_heads + h) * num_slices + j
-        lse_g = tl.load(piece_lse_ptr + piece)
+        piece = g * 2 + tl.where(row_start <= lo, 0, 1)
+        lse_g = tl.load(piece_lse_ptr + (piece * num_heads + h) * num_slices + j)
         new_peak = tl.maximum(peak, lse_g)
         safe = tl.where(new_peak == float("-inf"), 0.0, new_peak)
         earlier, weight = tl.exp(peak - safe), tl.exp(lse_g - safe)  # 0 for an empty piece
         total = total * earlier + weight
-        acc = acc * earlier + weight * tl.load(piece_out_ptr + piece * d_s + d, mask=d_ok, other=0.0)
+        acc = acc * earlier + weight * tl.load(piece_out_ptr + piece * stride_ot + h * stride_oh + j * d_s + d,
+                                               mask=d_ok, other=0.0).to(tl.float32)
         peak = new_peak
     has_keys = total > 0.0
     out = tl.where(has_keys, acc / tl.where(has_keys, total, 1.0), 0.0)
@@ -589,28 +644,41 @@ def logits_chunk_keys(tokens: int, heads: int, length: int, budget_bytes: int | 
     return max(1, min(length, max(1, budget_bytes // per_tile) * LOGITS_KEY_TILE))
 
 
-def gpu_launch_config(d_s: int, heads_per_stream: int) -> dict:
-    """Stage-1 tile sizes and launch options on a GPU, chosen from a static compile for sm_90
-    (``benchmarks/static_report.py``, Triton 3.6, 2026-12-07): with ``num_stages`` 5 the
-    pipeliner double- or triple-buffers the KV tiles (at 2-4 it made one buffer at 16 heads and
-    waited for every copy at the top of each tile at 128 heads) without spilling registers;
-    ``block_n`` 16 at 16 heads halves the registers (4 CTAs per SM), and at 64+ heads it is the
-    tile that spills with neither Triton 3.6 nor 3.9 (32 spills on 3.9). Not yet timed on a GPU."""
+def gpu_launch_config(d_s: int, heads_per_stream: int, fp8: bool = False) -> dict:
+    """Stage-1 tile sizes, launch options, schedule and tile loads on a GPU, chosen from a static
+    compile for sm_90 with Triton 3.6 (the GPU machine's) and 3.9 (``benchmarks/static_report.py``,
+    2026-12-07): every choice below compiles without spilling and with 2-3 KV buffers on both.
+
+    - ``num_stages`` 5: the pipeliner double- or triple-buffers the KV tiles (at 2-4 it made one
+      buffer at 16 heads and waited for every copy at the top of each tile at 128 heads);
+    - ``block_n`` 16 at d_s 512 and at 64+ heads keeps the registers low; 8 warps at 16 heads for
+      bf16 (3.6: 111 registers where 4 warps took 193);
+    - the balanced schedule's row loop needs about 30 more registers than split-K; beside the
+      [64, 512] float32 accumulator of 64 heads at d_s 512, and for fp8 at 64+ heads, it
+      spills, so split-K stays there;
+    - an fp8 tile feeding mma.sync (16 heads) is loaded synchronously by pointer loads (no 8-bit
+      shared layout serves it as K and as V); TMA copies (``tma``, Hopper and later) pipeline it.
+
+    Not yet timed on a GPU."""
     if heads_per_stream >= 64:  # many heads: one KV tile feeds 64 heads (wgmma)
-        return dict(block_h=64, block_n=16, num_warps=8, num_stages=5)
+        return dict(block_h=64, block_n=16, num_warps=8, num_stages=5,
+                    schedule="split" if d_s > 256 or fp8 else "balanced")
     if d_s > 256:
-        return dict(block_h=16, block_n=16, num_warps=4, num_stages=5)
-    return dict(block_h=16, block_n=32, num_warps=8, num_stages=5)
+        return dict(block_h=16, block_n=16, num_warps=4 if fp8 else 8, num_stages=5, schedule="balanced", tma=fp8)
+    return dict(block_h=16, block_n=32, num_warps=8, num_stages=5, schedule="balanced", tma=fp8)
 
 
-def launch_config(d_s: int, heads_per_stream: int, device: torch.device) -> dict:
-    """Stage-1 tile sizes and launch options; ``TUNING`` overrides them (tests set it to
-    ``gpu_launch_config``'s tiles to run a GPU configuration in the interpreter)."""
+def launch_config(d_s: int, heads_per_stream: int, device: torch.device, fp8: bool = False) -> dict:
+    """Stage-1 tile sizes, launch options, ``schedule`` ("balanced", or "split" for split-K; the
+    exact path over ranks is always split-K) and ``tma`` (TMA tile copies, compute capability 9+);
+    ``TUNING`` overrides them (tests set it to ``gpu_launch_config``'s tiles to run a GPU
+    configuration in the interpreter)."""
     if device.type != "cuda":  # the interpreter: large tiles mean fewer interpreted steps
-        config = dict(block_h=16, block_n=64, num_warps=4, num_stages=1)
+        config = dict(block_h=16, block_n=64, num_warps=4, num_stages=1, schedule="balanced")
     else:
-        config = gpu_launch_config(d_s, heads_per_stream)
-    config["schedule"] = "balanced"  # or "split" (split-K; the exact path over ranks always)
+        config = gpu_launch_config(d_s, heads_per_stream, fp8)
+        if config.get("tma") and torch.cuda.get_device_capability(device)[0] < 9:
+            config["tma"] = False  # no tensor-memory accelerator before Hopper: pointer loads
     config.update(TUNING)
     return config
 
@@ -723,7 +791,7 @@ class _Launches:
         self.block_size = cache.shape[1]
         self.scale = float(scale)
         self.streams = _StreamLayout.of(slices, heads, d_loc)
-        self.config = launch_config(self.streams.d_s, self.streams.heads_per_stream, device)
+        self.config = launch_config(self.streams.d_s, self.streams.heads_per_stream, device, self.is_fp8)
         self.head_blocks = triton.cdiv(self.streams.heads_per_stream, self.config["block_h"])
         stream_programs = self.streams.num_slices * self.head_blocks
         # Balanced unless asked otherwise (a split count, the schedule "split", or the caller).
@@ -737,6 +805,28 @@ class _Launches:
         if num_splits is None:
             num_splits = choose_num_splits(tokens, stream_programs, device)
         self.num_splits = max(1, min(MAX_SPLITS, num_splits))
+
+    def tile_loads(self, key_start: int = 0) -> dict:
+        """How stage 1 reads its key tiles: the PAGED_TILE / TMA_TILE flags and the two TMA
+        descriptors (latent ``[BLOCK_N, d_s]``, rope ``[BLOCK_N, d_R]`` boxes over the cache's
+        ``[num_blocks * block_size, d_loc + d_R]`` rows; the cache tensor in their place when
+        unused). TMA needs: ``tma`` in the configuration, a tile within one page, power-of-two
+        widths, rows laid out back to back, 16-byte aligned rows and slices."""
+        block_n, st, cache = self.config["block_n"], self.streams, self.cache
+        paged = self.block_size % block_n == 0 and key_start % block_n == 0
+        width = self.d_loc + self.d_r
+        size = cache.element_size()
+        tma = (bool(self.config.get("tma")) and paged and _pow2(st.d_s) == st.d_s and _pow2(self.d_r) == self.d_r
+               and cache.stride(1) == width and cache.stride(0) == self.block_size * width
+               and cache.data_ptr() % 16 == 0 and (width * size) % 16 == 0 and (st.d_s * size) % 16 == 0
+               and cache.shape[0] * self.block_size < 2**31)
+        if not tma:
+            return dict(latent_desc=cache, rope_desc=cache, PAGED_TILE=paged, TMA_TILE=False)
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        rows = cache.view(-1, width)  # [num_blocks * block_size, d_loc + d_R]
+        return dict(latent_desc=TensorDescriptor.from_tensor(rows, [block_n, st.d_s]),
+                    rope_desc=TensorDescriptor.from_tensor(rows, [block_n, self.d_r]), PAGED_TILE=True, TMA_TILE=True)
 
     def writes_output_directly(self) -> bool:
         """One split and one stream per head (MLA, exact, one local slice of partitioned): stage
@@ -773,8 +863,10 @@ class _Launches:
         q, r, cache, table = self.q_latent, self.q_rope, self.cache, self.table
         stride_lt, stride_lh = (0, 0) if logits is None else (logits.stride(0), logits.stride(1))
         d_s_block, d_r_block = _pow2(st.d_s), _pow2(self.d_r)
+        loads = self.tile_loads(key_start)
         _split_attention[(self.tokens * self.num_splits * st.num_slices * self.head_blocks,)](
-            q, r, cache, table, self.request, self.context, q if logits is None else logits,
+            q, r, cache, loads["latent_desc"], loads["rope_desc"], table, self.request, self.context,
+            q if logits is None else logits,
             partial_out, partial_lse, self.kv_scale, self.scale,
             q.stride(0), q.stride(1), r.stride(0), r.stride(1),
             cache.stride(0), cache.stride(1), table.stride(0), stride_lt, stride_lh,
@@ -783,21 +875,24 @@ class _Launches:
             LOGITS_IN=logits is not None, LOW_PRECISION=self.low_precision, IS_FP8=self.is_fp8,
             BLOCK_H=config["block_h"], BLOCK_N=config["block_n"], BLOCK_DS=d_s_block, BLOCK_DR=d_r_block,
             EVEN_DS=d_s_block == st.d_s, EVEN_DR=d_r_block == self.d_r,
-            PAGED_TILE=self.block_size % config["block_n"] == 0 and key_start % config["block_n"] == 0,
+            PAGED_TILE=loads["PAGED_TILE"], TMA_TILE=loads["TMA_TILE"],
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
+        TILE_LOADS["tma" if loads["TMA_TILE"] else "pointer"] += 1
 
     def balanced_attention(self, out, lse, write_lse: bool) -> None:
         """The balanced schedule: workers over equal shares of the batch's key tiles write whole
         rows into ``out`` / ``lse`` and pieces of cut rows, which ``_merge_pieces`` combines."""
         st, config = self.streams, self.config
         q, r, cache, table = self.q_latent, self.q_rope, self.cache, self.table
-        pieces = (self.workers, 2, self.heads, st.num_slices)
-        piece_out = torch.empty((*pieces, st.d_s), dtype=torch.float32, device=out.device)
-        piece_lse = torch.empty(pieces, dtype=torch.float32, device=out.device)
+        # Pieces of cut rows: two rows per worker, laid out as out's rows (out is contiguous).
+        piece_out = out.new_empty((self.workers * 2, self.heads, self.d_loc))
+        piece_lse = torch.empty((self.workers * 2, self.heads, st.num_slices), dtype=torch.float32, device=out.device)
         d_s_block, d_r_block = _pow2(st.d_s), _pow2(self.d_r)
+        loads = self.tile_loads()
         _balanced_attention[(self.workers * st.num_slices * self.head_blocks,)](
-            q, r, cache, table, self.request, self.context, self.cost_start, out, lse, piece_out, piece_lse,
+            q, r, cache, loads["latent_desc"], loads["rope_desc"], table, self.request, self.context, self.cost_start,
+            out, lse, piece_out, piece_lse,
             self.kv_scale, self.scale,
             q.stride(0), q.stride(1), r.stride(0), r.stride(1),
             cache.stride(0), cache.stride(1), table.stride(0), out.stride(0), out.stride(1),
@@ -807,9 +902,10 @@ class _Launches:
             WRITE_LSE=write_lse, LOW_PRECISION=self.low_precision, IS_FP8=self.is_fp8,
             BLOCK_H=config["block_h"], BLOCK_N=config["block_n"], BLOCK_DS=d_s_block, BLOCK_DR=d_r_block,
             EVEN_DS=d_s_block == st.d_s, EVEN_DR=d_r_block == self.d_r,
-            PAGED_TILE=self.block_size % config["block_n"] == 0,
+            PAGED_TILE=loads["PAGED_TILE"], TMA_TILE=loads["TMA_TILE"],
             num_warps=config["num_warps"], num_stages=config["num_stages"],
         )
+        TILE_LOADS["tma" if loads["TMA_TILE"] else "pointer"] += 1
         _merge_pieces[(self.tokens * self.heads * st.num_slices,)](
             self.cost_start, piece_out, piece_lse, out, lse, out.stride(0), out.stride(1),
             self.tokens, self.heads, st.num_slices, st.heads_per_stream, st.head_base, st.head_step,

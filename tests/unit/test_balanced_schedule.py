@@ -14,7 +14,7 @@ import torch
 
 from mla_plugin.ops.reference import sharded_latent_attention
 from mla_plugin.ops.sharded_latent import LatentSlices
-from tests.unit.paged_cases import make_batch, mla_reference, per_request, random_logit_scale
+from tests.unit.paged_cases import make_batch, make_paged_case, mla_reference, per_request, random_logit_scale
 from tests.unit.test_triton_kernels import DEVICES, HAS_CUDA, on
 
 # (q_len, seq_len): a long decode next to short ones, a 3-token verify, a prefill on a cached
@@ -182,3 +182,56 @@ def test_split_schedule_is_still_chosen_when_asked(kernels, device, monkeypatch,
     assert kernels.SCHEDULE_CALLS["split"] == before.get("split", 0) + 1
     assert kernels.SCHEDULE_CALLS["balanced"] == before.get("balanced", 0)
     torch.testing.assert_close(balanced, split, atol=2e-5, rtol=2e-5)
+
+
+# (layout, heads, block_size): the fp8 configurations gpu_launch_config gives TMA tile copies.
+TMA_CASES = [("mla", 16, 64), ("partitioned", 16, 32)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float8_e4m3fn])
+@pytest.mark.parametrize("schedule", ["balanced", "split"])
+@pytest.mark.parametrize("layout,heads,block_size", TMA_CASES)
+def test_tma_tiles_match_float64_reference(kernels, layout, heads, block_size, schedule, cache_dtype, device,
+                                           monkeypatch, rng):
+    """Key tiles by TMA copies (whole boxes, keys past the context included) under both
+    schedules. With a float32 cache the NaN in unused slots is a real NaN inside the boxes, so a
+    missing P·V mask shows; the interpreter decodes e4m3 NaN bytes as finite values, so the fp8
+    case checks the values path (and, compiled on a GPU, the mask too)."""
+    d_c, d_r = 512, 64
+    num_shards = 2 if layout == "partitioned" else 1
+    gpu = kernels.gpu_launch_config(d_c // num_shards, heads, fp8=True)
+    assert gpu["tma"] and block_size % gpu["block_n"] == 0
+    monkeypatch.setattr(kernels, "TUNING", {"block_h": gpu["block_h"], "block_n": gpu["block_n"], "tma": True,
+                                            "schedule": schedule})
+    monkeypatch.setattr(kernels, "choose_workers", lambda stream_programs, device: 3)
+    requests = [(1, 37), (2, 70), (1, 5)]
+    case = make_paged_case([n for _, n in requests], d_c, d_r, block_size, cache_dtype, rng)
+    tokens = sum(q for q, _ in requests) + 1  # one padding row
+    q_lat = torch.randn(tokens, heads, d_c, generator=rng)
+    q_rope = torch.randn(tokens, heads, d_r, generator=rng)
+    qsl = torch.tensor([0] + [q for q, _ in requests]).cumsum(0).to(torch.int32)
+    lam = random_logit_scale(heads, num_shards, rng).float() if num_shards > 1 else None
+    parts = []
+    before = dict(kernels.TILE_LOADS)
+    for rank in range(num_shards):
+        d_s = d_c // num_shards
+        cols = slice(rank * d_s, (rank + 1) * d_s)
+        cache = torch.cat([case.cache.view(torch.uint8)[..., cols], case.cache.view(torch.uint8)[..., d_c:]]
+                          if cache_dtype == torch.float8_e4m3fn else
+                          [case.cache[..., cols], case.cache[..., d_c:]], dim=-1).contiguous().view(cache_dtype)
+        slices = (LatentSlices() if num_shards == 1 else
+                  LatentSlices(num_shards=2, shard_offset=rank, shards_local=1, softmax=layout, logit_scale=lam))
+        args = on(device, q_lat[..., cols].contiguous(), q_rope, cache, qsl, case.seq_lens, case.block_table)
+        parts.append(kernels.triton_paged_latent_attention(*args, 0.25, slices, None, 70, False).cpu())
+    assert kernels.TILE_LOADS["tma"] == before.get("tma", 0) + num_shards
+    assert kernels.TILE_LOADS["pointer"] == before.get("pointer", 0)
+    out = torch.cat(parts, dim=-1)
+    expected = sharded_latent_attention(per_request(q_lat, qsl), per_request(q_rope, qsl), case.latents,
+                                        case.rope_keys, 0.25, num_shards=num_shards,
+                                        softmax_mode="exact" if num_shards == 1 else layout,
+                                        logit_scale=None if lam is None else lam.double())
+    tol = dict(atol=2e-5, rtol=2e-5) if device == "cpu" else dict(atol=2e-2, rtol=2e-2)
+    for got, want in zip(per_request(out, qsl), expected):
+        torch.testing.assert_close(got, want, **tol)
+    assert (out[int(qsl[-1]):] == 0).all()

@@ -5,10 +5,10 @@ asynchronous copies). Runs the report once, in a process without TRITON_INTERPRE
 tests' conftest sets it), and checks each configuration's row.
 
 Known failures, each xfail(strict) so that a fix shows up as XPASS and fails the run until
-the mark is removed: the fp8 latent tile (mma.sync at 16 heads per stream) is loaded
-synchronously by the pipeliner (it is read as K and, transposed, as V: no 8-bit shared
-layout serves both), and fp8 at 128 heads (wgmma) spills (the e4m3 -> fp16 conversion of a
-[BLOCK_N, 512] tile beside a [64, 512] float32 accumulator).
+the mark is removed: fp8 at 128 heads of d_s 512 (wgmma) spills (the e4m3 -> fp16
+conversion of a [BLOCK_N, 512] tile beside a [64, 512] float32 accumulator). The fp8 tile at
+16 heads (mma.sync), which pointer loads bring in synchronously, is pipelined by TMA copies:
+those rows must show ``tma`` loads.
 """
 
 import json
@@ -23,8 +23,6 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 KNOWN = {
-    "mla-16-fp8": "fp8 latent tile loaded synchronously (not pipelined) at 16 heads",
-    "shard-16-fp8": "fp8 latent tile loaded synchronously (not pipelined) at 16 heads",
     "mla-128-fp8": "fp8 at 128 heads spills registers",
 }
 NAMES = [f"{layout}-{heads}-{cache}" for layout in ("mla", "shard", "exact") for heads in (16, 128)
@@ -63,3 +61,13 @@ def test_no_spill_and_double_buffered_kv(report, name):
     assert row["spill_bytes"] == 0 and row["ldl"] == 0 and row["stl"] == 0, f"{name} spills: {row}"
     assert row["kv_buffers"] >= 2, f"{name}: KV tiles {row['tile_buffers']} (0: synchronous load; 1: no overlap)"
     assert row["loop_waits"] and min(row["loop_waits"]) > 0, f"{name} waits for every copy each tile: {row}"
+
+
+def test_schedules_and_tile_loads(report):
+    """Balanced where its row loop fits (split-K: the exact path over ranks, 128 heads of d_s 512,
+    fp8 at 128 heads); TMA copies exactly for fp8 tiles feeding mma.sync (16 heads)."""
+    _, rows = report
+    for name, row in rows.items():
+        split = name.startswith("exact-") or name.startswith("mla-128-") or name.endswith("-128-fp8")
+        assert row["schedule"].startswith("split-K" if split else "balanced"), row
+        assert row["loads"] == ("tma" if name.endswith("-16-fp8") else "pointer"), row
