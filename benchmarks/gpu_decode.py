@@ -235,14 +235,16 @@ def table_rows(args, clock, peer, gen, roof) -> list[dict]:
     return rows
 
 
-SWEEP_TILES = {  # (block_h, block_n, num_warps, num_stages) per heads per stream; the default first
-    16: [(16, 16, 4, 5), (16, 32, 4, 5), (16, 32, 4, 2), (16, 16, 4, 6), (16, 32, 8, 5), (16, 64, 8, 2)],
+SWEEP_TILES = {  # (block_h, block_n, num_warps, num_stages) per heads per stream; the MLA default first
+    16: [(16, 16, 8, 5), (16, 16, 4, 5), (16, 32, 4, 5), (16, 32, 4, 2), (16, 16, 4, 6), (16, 32, 8, 5),
+         (16, 64, 8, 2)],
     128: [(64, 16, 8, 5), (64, 32, 8, 5), (64, 64, 8, 2), (64, 16, 8, 6), (64, 32, 8, 4)],
 }
 
 
 def sweep(args, clock, gen) -> None:
-    """Time launch configurations (kernels.TUNING) and split counts; one line each, errors
+    """Time launch configurations (kernels.TUNING) under the default schedule and split-K with
+    1-8 splits; one line each, errors
     against the torch seam, failures (resources) reported per configuration."""
     for heads, layout, cache_dtype in itertools.product(args.heads, LAYOUTS, args.cache_dtype):
         context = args.contexts[-1]
@@ -254,7 +256,7 @@ def sweep(args, clock, gen) -> None:
             kernels.TUNING.clear()
             kernels.TUNING.update(zip(("block_h", "block_n", "num_warps", "num_stages"), tiles))
             label = f"{cache_dtype} {layout} H={heads} L={context} h{tiles[0]} n{tiles[1]} w{tiles[2]} s{tiles[3]} " \
-                    f"splits {splits or 'default'}"
+                    f"{'split-K %d' % splits if splits else 'default schedule'}"
             try:
                 error = max_error(ours(case, d_c, layout, context, splits), want, label)
                 ms = clock.ms(lambda: ours(case, d_c, layout, context, splits))

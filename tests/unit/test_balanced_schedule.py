@@ -14,8 +14,15 @@ import torch
 
 from mla_plugin.ops.reference import sharded_latent_attention
 from mla_plugin.ops.sharded_latent import LatentSlices
-from tests.unit.paged_cases import make_batch, make_paged_case, mla_reference, per_request, random_logit_scale
-from tests.unit.test_triton_kernels import DEVICES, HAS_CUDA, on
+from tests.unit.paged_cases import (
+    make_batch,
+    make_paged_case,
+    mla_reference,
+    per_request,
+    random_logit_scale,
+    rank_view,
+)
+from tests.unit.test_triton_kernels import DEVICES, HAS_CUDA, _CountingKernel, on
 
 # (q_len, seq_len): a long decode next to short ones, a 3-token verify, a prefill on a cached
 # prefix, a one-key request: lengths 10x apart, as a real decode batch.
@@ -32,23 +39,12 @@ def kernels():
     return module
 
 
-def counted(kernels, monkeypatch, *names):
+def counted(kernels, monkeypatch, *names) -> dict:
     """Wrap kernels so their launches are counted (the proof of what ran)."""
-    counts = {}
-    for name in names:
-        kernel = getattr(kernels, name)
-        counts[name] = 0
-
-        class Counting:
-            def __init__(self, kernel, name):
-                self.kernel, self.name = kernel, name
-
-            def __getitem__(self, grid):
-                counts[self.name] += 1
-                return self.kernel[grid]
-
-        monkeypatch.setattr(kernels, name, Counting(kernel, name))
-    return counts
+    wrapped = {name: _CountingKernel(getattr(kernels, name)) for name in names}
+    for name, kernel in wrapped.items():
+        monkeypatch.setattr(kernels, name, kernel)
+    return wrapped
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -90,7 +86,8 @@ def test_balanced_mla_matches_float64_reference(kernels, workers, device, monkey
     out, lse = kernels.triton_paged_latent_attention(*args, 0.2, LatentSlices(), None, 300, True)
     assert kernels.SCHEDULE_CALLS["balanced"] == before.get("balanced", 0) + 1
     assert kernels.SCHEDULE_CALLS["split"] == before.get("split", 0)
-    assert counts == {"_plan_rows": 1, "_balanced_attention": 1, "_merge_pieces": 1}
+    assert {name: kernel.launches for name, kernel in counts.items()} == {
+        "_plan_rows": 1, "_balanced_attention": 1, "_merge_pieces": 1}
     out, lse = out.cpu(), lse.cpu()
     for got, want in zip(per_request(out, qsl), mla_reference(q_lat, q_rope, qsl, case, 0.2)):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
@@ -111,14 +108,12 @@ def test_balanced_streams_match_float64_reference(kernels, mode, num_shards, loc
     d_c, d_r, heads, block_size = 64, 16, 4, 8
     case, q_lat, q_rope, qsl = make_batch(VARIED, d_c, d_r, heads, block_size, torch.float32, rng)
     lam = random_logit_scale(heads, num_shards, rng)
-    d_s = d_c // num_shards
     parts = []
     for offset in range(0, num_shards, local):
-        cols = slice(offset * d_s, (offset + local) * d_s)
-        cache = torch.cat([case.cache[..., cols], case.cache[..., d_c:]], dim=-1).contiguous()
+        cache, q_part = rank_view(case.cache, q_lat, d_c, num_shards, offset, local)
         slices = LatentSlices(num_shards=num_shards, shard_offset=offset, shards_local=local, softmax=mode,
                               logit_scale=lam.float())
-        args = on(device, q_lat[..., cols].contiguous(), q_rope, cache, qsl, case.seq_lens, case.block_table)
+        args = on(device, q_part.contiguous(), q_rope, cache.contiguous(), qsl, case.seq_lens, case.block_table)
         before = kernels.SCHEDULE_CALLS["balanced"]
         parts.append(kernels.triton_paged_latent_attention(*args, 0.2, slices, None, 300, False).cpu())
         assert kernels.SCHEDULE_CALLS["balanced"] == before + 1
@@ -151,12 +146,10 @@ def test_balanced_gpu_tiles_match_float64_reference(kernels, layout, heads, bloc
     lam = random_logit_scale(heads, num_shards, rng).float() if num_shards > 1 else None
     parts = []
     for rank in range(num_shards):
-        d_s = d_c // num_shards
-        cols = slice(rank * d_s, (rank + 1) * d_s)
-        cache = torch.cat([case.cache[..., cols], case.cache[..., d_c:]], dim=-1).contiguous()
+        cache, q_part = rank_view(case.cache, q_lat, d_c, num_shards, rank, 1)
         slices = (LatentSlices() if num_shards == 1 else
                   LatentSlices(num_shards=2, shard_offset=rank, shards_local=1, softmax=layout, logit_scale=lam))
-        args = on(device, q_lat[..., cols].contiguous(), q_rope, cache, qsl, case.seq_lens, case.block_table)
+        args = on(device, q_part.contiguous(), q_rope, cache.contiguous(), qsl, case.seq_lens, case.block_table)
         before = kernels.SCHEDULE_CALLS["balanced"]
         parts.append(kernels.triton_paged_latent_attention(*args, 0.25, slices, None, 37, False).cpu())
         assert kernels.SCHEDULE_CALLS["balanced"] == before + 1
@@ -215,14 +208,10 @@ def test_tma_tiles_match_float64_reference(kernels, layout, heads, block_size, s
     parts = []
     before = dict(kernels.TILE_LOADS)
     for rank in range(num_shards):
-        d_s = d_c // num_shards
-        cols = slice(rank * d_s, (rank + 1) * d_s)
-        cache = torch.cat([case.cache.view(torch.uint8)[..., cols], case.cache.view(torch.uint8)[..., d_c:]]
-                          if cache_dtype == torch.float8_e4m3fn else
-                          [case.cache[..., cols], case.cache[..., d_c:]], dim=-1).contiguous().view(cache_dtype)
+        cache, q_part = rank_view(case.cache, q_lat, d_c, num_shards, rank, 1)
         slices = (LatentSlices() if num_shards == 1 else
                   LatentSlices(num_shards=2, shard_offset=rank, shards_local=1, softmax=layout, logit_scale=lam))
-        args = on(device, q_lat[..., cols].contiguous(), q_rope, cache, qsl, case.seq_lens, case.block_table)
+        args = on(device, q_part.contiguous(), q_rope, cache.contiguous(), qsl, case.seq_lens, case.block_table)
         parts.append(kernels.triton_paged_latent_attention(*args, 0.25, slices, None, 70, False).cpu())
     assert kernels.TILE_LOADS["tma"] == before.get("tma", 0) + num_shards
     assert kernels.TILE_LOADS["pointer"] == before.get("pointer", 0)
@@ -234,4 +223,47 @@ def test_tma_tiles_match_float64_reference(kernels, layout, heads, block_size, s
     tol = dict(atol=2e-5, rtol=2e-5) if device == "cpu" else dict(atol=2e-2, rtol=2e-2)
     for got, want in zip(per_request(out, qsl), expected):
         torch.testing.assert_close(got, want, **tol)
+    assert (out[int(qsl[-1]):] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float8_e4m3fn])
+def test_tma_tiles_exact_over_ranks(kernels, cache_dtype, device, monkeypatch, rng):
+    """The exact softmax over two ranks (split-K over all-reduced partial logits; stage 1 reads
+    the latent tile for the output) with the fp8 configuration's TMA tiles."""
+    d_c, d_r, heads, block_size = 512, 64, 16, 32
+    gpu = kernels.gpu_launch_config(d_c // 2, heads, fp8=True)
+    assert gpu["tma"] and block_size % gpu["block_n"] == 0
+    monkeypatch.setattr(kernels, "TUNING", {"block_h": gpu["block_h"], "block_n": gpu["block_n"], "tma": True})
+    requests = [(1, 70), (2, 33), (1, 5)]
+    case = make_paged_case([n for _, n in requests], d_c, d_r, block_size, cache_dtype, rng)
+    tokens = sum(q for q, _ in requests) + 1
+    q_lat = torch.randn(tokens, heads, d_c, generator=rng)
+    q_rope = torch.randn(tokens, heads, d_r, generator=rng)
+    qsl = torch.tensor([0] + [q for q, _ in requests]).cumsum(0).to(torch.int32)
+    partial = {}
+    before = dict(kernels.TILE_LOADS)
+
+    def one_rank(rank, collect):
+        cache, q_part = rank_view(case.cache, q_lat, d_c, 2, rank, 1)
+
+        def all_reduce(logits):
+            if collect:
+                partial[rank] = logits.clone()
+                return None
+            return (partial[0] + partial[1]).to(logits.device)
+
+        slices = LatentSlices(num_shards=2, shard_offset=rank, shards_local=1, softmax="exact")
+        args = on(device, q_part.contiguous(), q_rope, cache.contiguous(), qsl, case.seq_lens, case.block_table)
+        return kernels.triton_paged_latent_attention(*args, 0.25, slices, all_reduce, 70, True)
+
+    for rank in (0, 1):
+        one_rank(rank, True)
+    parts = [one_rank(rank, False) for rank in (0, 1)]
+    assert kernels.TILE_LOADS["tma"] == before.get("tma", 0) + 4 and kernels.SCHEDULE_CALLS["split"] > 0
+    out = torch.cat([p[0].cpu() for p in parts], dim=-1)
+    want = mla_reference(q_lat, q_rope, qsl, case, 0.25)
+    tol = dict(atol=2e-5, rtol=2e-5) if device == "cpu" else dict(atol=2e-2, rtol=2e-2)
+    for got, ref in zip(per_request(out, qsl), want):
+        torch.testing.assert_close(got, ref, **tol)
     assert (out[int(qsl[-1]):] == 0).all()
