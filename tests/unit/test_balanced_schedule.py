@@ -267,3 +267,46 @@ def test_tma_tiles_exact_over_ranks(kernels, cache_dtype, device, monkeypatch, r
     for got, ref in zip(per_request(out, qsl), want):
         torch.testing.assert_close(got, ref, **tol)
     assert (out[int(qsl[-1]):] == 0).all()
+
+
+class _Recorder:
+    """Stands in for a kernel: records that it was launched, runs nothing."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+        return launch
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("schedule", ["balanced", "split"])
+def test_a_call_launches_no_torch_kernels(kernels, schedule, fp8, monkeypatch, rng):
+    """Around its Triton launches a decode call runs no torch compute (only allocations and
+    views): the row bookkeeping is a Triton launch, outputs are `empty`, σ is already float32."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ran = []
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ran.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    launched = {name: _Recorder() for name in ("_plan_rows", "_token_rows", "_balanced_attention", "_merge_pieces",
+                                               "_split_attention", "_merge_splits")}
+    for name, recorder in launched.items():
+        monkeypatch.setattr(kernels, name, recorder)
+    monkeypatch.setattr(kernels, "_check_interpreter", lambda device: None)
+    monkeypatch.setattr(kernels, "TUNING", {"schedule": schedule})
+    case, q_lat, q_rope, qsl = make_batch(VARIED, 64, 16, 4, 16, torch.float32, rng)
+    cache = case.cache.to(torch.float8_e4m3fn) if fp8 else case.cache
+    sigma = torch.ones(1) if fp8 else None
+    with Ops():
+        kernels.triton_paged_latent_attention(q_lat, q_rope, cache, qsl, case.seq_lens, case.block_table, 0.2,
+                                              LatentSlices(), None, 300, False, cache_scale=sigma)
+    assert launched["_plan_rows" if schedule == "balanced" else "_token_rows"].launches == 1
+    assert set(ran) <= {"empty", "new_empty", "view", "reshape", "_reshape_alias", "alias", "slice", "detach", "select",
+                        "_to_copy", "to"} and "_to_copy" not in ran, ran
