@@ -282,6 +282,31 @@ def _column_masks(d, dr, d_s, d_r, BLOCK_DS: tl.constexpr, BLOCK_DR: tl.constexp
 
 
 @triton.jit
+def _logit_scale_log2(scale, kv_scale_ptr, IS_FP8: tl.constexpr, FOLD_SIGMA: tl.constexpr):
+    """τ log2(e), times σ of an fp8 cache when FOLD_SIGMA (logits and outputs of the stored values
+    are σ times smaller), and σ itself (1.0 without fp8)."""
+    scale_log2 = scale * 1.4426950408889634
+    kv_scale = 1.0
+    if IS_FP8:
+        kv_scale = tl.load(kv_scale_ptr)
+        if FOLD_SIGMA:
+            scale_log2 = scale_log2 * kv_scale
+    return scale_log2, kv_scale
+
+
+@triton.jit
+def _stream_block(pid, head_blocks, num_slices, heads_per_stream, head_base, head_step, BLOCK_H: tl.constexpr):
+    """Program ``pid`` = (rest · num_slices + j) · head_blocks + head_block, head blocks fastest
+    (a KV tile's second read by the next head block can hit L2): the rest (the split and row,
+    or the worker), slice j, and its block's heads ``[BLOCK_H]``: local index in the stream,
+    mask, global index."""
+    head_block = pid % head_blocks
+    j = (pid // head_blocks) % num_slices
+    local = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+    return pid // (head_blocks * num_slices), j, local, local < heads_per_stream, head_base + j * head_step + local
+
+
+@triton.jit
 def _normalise(m, total, acc, kv_scale, IS_FP8: tl.constexpr):
     """The normalised output acc / l (σ applied; 0 when l = 0) and lse = m ln 2 + ln l (−inf when l = 0)."""
     has_keys = total > 0.0
@@ -314,21 +339,12 @@ def _split_attention(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DR: tl.constexpr,
     EVEN_DS: tl.constexpr, EVEN_DR: tl.constexpr, PAGED_TILE: tl.constexpr, TMA_TILE: tl.constexpr,
 ):
-    scale_log2 = scale * 1.4426950408889634  # τ log2(e)
-    kv_scale = 1.0
-    if IS_FP8:
-        kv_scale = tl.load(kv_scale_ptr)  # σ: logits and outputs are σ times those of the stored values
-        if not LOGITS_IN:
-            scale_log2 = scale_log2 * kv_scale
-    pid = tl.program_id(0)
-    head_block = pid % head_blocks
-    j = (pid // head_blocks) % num_slices
-    split = (pid // (head_blocks * num_slices)) % num_splits
-    t = pid // (head_blocks * num_slices * num_splits)
-
-    local = head_block * BLOCK_H + tl.arange(0, BLOCK_H)  # heads of this stream block
-    head_ok = local < heads_per_stream
-    heads = head_base + j * head_step + local  # [BLOCK_H] global head index
+    # (the summed partial logits carry σ already: LOGITS_IN folds it into the rope logit only)
+    scale_log2, kv_scale = _logit_scale_log2(scale, kv_scale_ptr, IS_FP8, not LOGITS_IN)
+    rest, j, local, head_ok, heads = _stream_block(tl.program_id(0), head_blocks, num_slices, heads_per_stream,
+                                                   head_base, head_step, BLOCK_H)
+    split = rest % num_splits
+    t = rest // num_splits
     d = tl.arange(0, BLOCK_DS)
     dr = tl.arange(0, BLOCK_DR)
     d_ok, dr_ok = _column_masks(d, dr, d_s, d_r, BLOCK_DS, BLOCK_DR, EVEN_DS, EVEN_DR)
@@ -388,18 +404,9 @@ def _balanced_attention(
     # units [lo, hi) of the concatenated rows and walks the rows they touch: a row wholly
     # inside is written to out / lse; a row cut by lo or hi leaves a piece (slot 0: the
     # worker's first row, slot 1: its last) that ``_merge_pieces`` combines.
-    scale_log2 = scale * 1.4426950408889634  # τ log2(e)
-    kv_scale = 1.0
-    if IS_FP8:
-        kv_scale = tl.load(kv_scale_ptr)
-        scale_log2 = scale_log2 * kv_scale
-    pid = tl.program_id(0)
-    head_block = pid % head_blocks
-    j = (pid // head_blocks) % num_slices
-    g = pid // (head_blocks * num_slices)
-    local = head_block * BLOCK_H + tl.arange(0, BLOCK_H)  # heads of this stream block
-    head_ok = local < heads_per_stream
-    heads = head_base + j * head_step + local  # [BLOCK_H] global head index
+    scale_log2, kv_scale = _logit_scale_log2(scale, kv_scale_ptr, IS_FP8, True)
+    g, j, local, head_ok, heads = _stream_block(tl.program_id(0), head_blocks, num_slices, heads_per_stream,
+                                                head_base, head_step, BLOCK_H)
     d = tl.arange(0, BLOCK_DS)
     dr = tl.arange(0, BLOCK_DR)
     d_ok, dr_ok = _column_masks(d, dr, d_s, d_r, BLOCK_DS, BLOCK_DR, EVEN_DS, EVEN_DR)
