@@ -167,7 +167,8 @@ class SchedulingChoice:
     code on different machines. Our backends read cached context (mla_plugin_gla: its own ops over
     the paged cache; mla_plugin: vLLM's MLA prefill over context chunks), so the user's settings
     stand. One exception: mla_plugin with an fp8 cache on a CPU, where vLLM's CPU context gather
-    reads no fp8; there vLLM's choice (both off) stands, said in one log line.
+    reads no fp8: there both are off on every CPU (as vLLM itself sets them without AMX, with a
+    token budget that holds a whole prompt), said in one log line.
     """
 
     chunked_prefill: bool | None
@@ -180,16 +181,22 @@ class SchedulingChoice:
         return cls(scheduler.enable_chunked_prefill, cache.enable_prefix_caching, scheduler.max_num_batched_tokens)
 
     def restore(self, vllm_config, name: str) -> None:
-        if SchedulingChoice.of(vllm_config) == self:
-            return
         from mla_plugin.vllm.compat import current_platform
 
-        fp8_context = str(vllm_config.cache_config.cache_dtype).startswith("fp8")
+        scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
+        fp8_context = str(cache.cache_dtype).startswith("fp8")
         if name == MLA_BACKEND_NAME and fp8_context and current_platform.is_cpu():
+            # On a CPU with AMX tiles vLLM leaves both on, and its MLA prefill would then fail on
+            # the first cached context; without AMX it has turned them off already.
+            scheduler.enable_chunked_prefill = False
+            cache.enable_prefix_caching = False
+            scheduler.max_num_batched_tokens = max(vllm_config.model_config.max_model_len,
+                                                   scheduler.max_num_batched_tokens or 0)
             logger.info("mla_plugin: %s with an fp8 cache on CPU runs without chunked prefill and prefix "
                         "caching (vLLM's CPU MLA prefill reads no fp8 context)", name)
             return
-        scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
+        if SchedulingChoice.of(vllm_config) == self:
+            return
         scheduler.enable_chunked_prefill = self.chunked_prefill
         cache.enable_prefix_caching = self.prefix_caching
         scheduler.max_num_batched_tokens = self.max_num_batched_tokens

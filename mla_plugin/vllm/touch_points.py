@@ -90,13 +90,17 @@ TOUCH_POINTS: tuple[TouchPoint, ...] = (
                "backend: read, and set when a checkpoint declares its layout", has_fields("backend")),
     TouchPoint("cache config", "vllm.config:CacheConfig",
                "cache_dtype checked; block_size restored when user_specified_block_size; enable_prefix_caching "
-               "restored after the CPU platform's check (registration.SchedulingChoice)",
+               "restored after the CPU platform's check, or off for mla_plugin with fp8 on CPU "
+               "(registration.SchedulingChoice)",
                has_fields("block_size", "user_specified_block_size", "cache_dtype", "enable_prefix_caching")),
     TouchPoint("scheduler config", "vllm.config:SchedulerConfig",
-               "enable_chunked_prefill and max_num_batched_tokens restored after the CPU platform's check "
-               "(registration.SchedulingChoice)", has_fields("enable_chunked_prefill", "max_num_batched_tokens")),
+               "enable_chunked_prefill and max_num_batched_tokens restored after the CPU platform's check, or "
+               "off / a whole prompt for mla_plugin with fp8 on CPU (registration.SchedulingChoice)",
+               has_fields("enable_chunked_prefill", "max_num_batched_tokens")),
     TouchPoint("model config", "vllm.config:ModelConfig",
-               "use_mla and hf_config read to validate a request", all_of(has("use_mla"), has_fields("hf_config"))),
+               "use_mla and hf_config read to validate a request; max_model_len read for the token budget "
+               "without chunked prefill (registration.SchedulingChoice)",
+               all_of(has("use_mla"), has_fields("hf_config", "max_model_len"))),
     TouchPoint("current vllm config", "vllm.config:get_current_vllm_config",
                "the DeepSeek-V2 routing class asks which backend is requested", exists()),
     # mla_backend.py / gla_backend.py: subclasses
