@@ -99,3 +99,25 @@ def mla_reference(q_lat, q_rope, qsl, case, scale):
     """Unsharded causal MLA per request (float64 oracle): list of out[q_len, H, d_c]."""
     pieces = zip(per_request(q_lat, qsl), per_request(q_rope, qsl), case.latents, case.rope_keys)
     return [causal_absorbed_attention(ql, qr, lat, kr, scale)[0] for ql, qr, lat, kr in pieces]
+
+
+class SimulatedAllReduce:
+    """The all-reduce of simulated TP ranks run one after another in one process, in two passes:
+    first every rank runs with ``of_rank(rank, collect=True)``, which keeps its partial logits
+    (one buffer per call, i.e. per chunk of context) and leaves them as they are; then with
+    ``collect=False`` each call returns the sum over ranks of the buffers of that call."""
+
+    def __init__(self):
+        self.partials: dict[int, list[torch.Tensor]] = {}
+        self.calls: dict[int, int] = {}
+
+    def of_rank(self, rank: int, collect: bool):
+        def all_reduce(logits):
+            if collect:
+                self.partials.setdefault(rank, []).append(logits.clone())
+                return None
+            call = self.calls.get(rank, 0)
+            self.calls[rank] = call + 1
+            return sum(kept[call].to(logits.device) for kept in self.partials.values())
+
+        return all_reduce

@@ -15,6 +15,7 @@ import torch
 from mla_plugin.ops.reference import sharded_latent_attention
 from mla_plugin.ops.sharded_latent import LatentSlices
 from tests.unit.paged_cases import (
+    SimulatedAllReduce,
     make_batch,
     make_paged_case,
     mla_reference,
@@ -241,21 +242,14 @@ def test_tma_tiles_exact_over_ranks(kernels, cache_dtype, device, monkeypatch, r
     q_lat = torch.randn(tokens, heads, d_c, generator=rng)
     q_rope = torch.randn(tokens, heads, d_r, generator=rng)
     qsl = torch.tensor([0] + [q for q, _ in requests]).cumsum(0).to(torch.int32)
-    partial = {}
+    reduce = SimulatedAllReduce()
     before = dict(kernels.TILE_LOADS)
 
     def one_rank(rank, collect):
         cache, q_part = rank_view(case.cache, q_lat, d_c, 2, rank, 1)
-
-        def all_reduce(logits):
-            if collect:
-                partial[rank] = logits.clone()
-                return None
-            return (partial[0] + partial[1]).to(logits.device)
-
         slices = LatentSlices(num_shards=2, shard_offset=rank, shards_local=1, softmax="exact")
         args = on(device, q_part.contiguous(), q_rope, cache.contiguous(), qsl, case.seq_lens, case.block_table)
-        return kernels.triton_paged_latent_attention(*args, 0.25, slices, all_reduce, 70, True)
+        return kernels.triton_paged_latent_attention(*args, 0.25, slices, reduce.of_rank(rank, collect), 70, True)
 
     for rank in (0, 1):
         one_rank(rank, True)

@@ -17,6 +17,7 @@ from mla_plugin.ops.reference import absorbed_attention, sharded_latent_attentio
 from mla_plugin.ops.sharded_latent import LatentSlices
 from tests.unit.paged_cases import (
     MIXED_REQUESTS,
+    SimulatedAllReduce,
     make_batch,
     make_paged_case,
     mla_reference,
@@ -330,21 +331,14 @@ def test_many_heads_configuration_matches_float64_reference(kernels, mode, num_s
     expected = sharded_latent_attention(per_request(q_lat, qsl), per_request(q_rope, qsl), case.latents,
                                         case.rope_keys, scale, num_shards=num_shards, softmax_mode=softmax)
     if mode == "exact_tp":  # two ranks; the all-reduce adds the other rank's partial logits
-        partial = {}
+        reduce = SimulatedAllReduce()
 
         def rank_out(rank, collect):
             cache, q_part = rank_view(case.cache, q_lat, d_c, 2, rank, 1)
-
-            def all_reduce(logits):
-                if collect:
-                    partial[rank] = logits.clone()
-                    return None
-                return sum(p.to(logits.device) for p in partial.values())
-
             view = type(case)(cache.contiguous(), case.block_table, case.seq_lens, case.latents, case.rope_keys)
             slices = LatentSlices(num_shards=2, shard_offset=rank, shards_local=1, softmax="exact")
-            return run(view, q_part.contiguous(), q_rope, qsl, scale, device, slices=slices, all_reduce=all_reduce,
-                       max_query_len=2, max_seq_len=33).cpu()
+            return run(view, q_part.contiguous(), q_rope, qsl, scale, device, slices=slices,
+                       all_reduce=reduce.of_rank(rank, collect), max_query_len=2, max_seq_len=33).cpu()
 
         for rank in (0, 1):
             rank_out(rank, True)
