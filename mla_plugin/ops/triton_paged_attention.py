@@ -809,9 +809,9 @@ class _Launches:
             self.workers = choose_workers(stream_programs, device)
         else:
             self.request, self.context = _rows_of_tokens(query_start_loc, seq_lens, tokens, batch)
-        if num_splits is None:
-            num_splits = choose_num_splits(tokens, stream_programs, device)
-        self.num_splits = max(1, min(MAX_SPLITS, num_splits))
+            if num_splits is None:
+                num_splits = choose_num_splits(tokens, stream_programs, device)
+            self.num_splits = max(1, min(MAX_SPLITS, num_splits))
 
     def tile_loads(self, key_start: int = 0) -> dict:
         """How stage 1 reads its key tiles: the PAGED_TILE / TMA_TILE flags and the two TMA
