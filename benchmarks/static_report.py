@@ -120,9 +120,8 @@ def stage1_call(config: Config, tuning: dict | None = None) -> tuple:
                        **(tuning or {})}
     launches.head_blocks = triton.cdiv(launches.streams.heads_per_stream, launches.config["block_h"])
     stream_programs = launches.streams.num_slices * launches.head_blocks
-    wanted = 4 * SMS // max(1, BATCH * stream_programs)
-    launches.num_splits = max(1, min(kernels.MAX_SPLITS, wanted))
-    launches.workers = max(1, 4 * SMS // stream_programs)
+    launches.num_splits = kernels.splits_on_gpu(SMS, BATCH, stream_programs)
+    launches.workers = kernels.workers_on_gpu(SMS, stream_programs)
     if over_ranks or launches.config["schedule"] == "split":
         launches.schedule = "split"
         recorder = _Recorder(kernels._split_attention)

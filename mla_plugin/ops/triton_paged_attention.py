@@ -700,7 +700,11 @@ def choose_workers(stream_programs: int, device: torch.device) -> int:
     (from the GPU's size only, so a captured CUDA graph stays valid for any lengths)."""
     if device.type != "cuda":
         return 3  # the interpreter: a few workers, so that rows are cut and merged
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return workers_on_gpu(torch.cuda.get_device_properties(device).multi_processor_count, stream_programs)
+
+
+def workers_on_gpu(sms: int, stream_programs: int) -> int:
+    """``choose_workers`` on a GPU with ``sms`` SMs (also what the static report assumes)."""
     return max(1, 4 * sms // max(1, stream_programs))
 
 
@@ -709,11 +713,13 @@ def choose_num_splits(tokens: int, stream_programs: int, device: torch.device) -
     so a CUDA graph captured for a batch size stays valid for any context length)."""
     if device.type != "cuda":
         return 2  # the interpreter runs programs one by one: few splits, but still split-K
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    # About four programs per SM: lengths are not known on the host, and with varied
-    # lengths more splits balance the work (H200 table in the README).
-    wanted = 4 * sms // max(1, tokens * stream_programs)
-    return max(1, min(MAX_SPLITS, wanted))
+    return splits_on_gpu(torch.cuda.get_device_properties(device).multi_processor_count, tokens, stream_programs)
+
+
+def splits_on_gpu(sms: int, tokens: int, stream_programs: int) -> int:
+    """``choose_num_splits`` on a GPU with ``sms`` SMs: about four programs per SM (lengths are
+    not known on the host)."""
+    return max(1, min(MAX_SPLITS, 4 * sms // max(1, tokens * stream_programs)))
 
 
 def _rows_of_tokens(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, tokens: int, batch: int):
